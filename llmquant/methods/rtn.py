@@ -1,0 +1,41 @@
+"""Round-to-nearest: the uniform grid of GPTQ without error feedback (the baseline every paper prints)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from llmquant.core.record import QuantizedRecord
+from llmquant.methods.base import MethodConfig, Method, register
+from llmquant.methods.gptq import check_group_size
+from llmquant.methods.uniform_quantizer import UniformGroupQuantizer
+
+
+class RTNConfig(MethodConfig):
+    name: Literal["rtn"] = "rtn"
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = Field(128, description="columns per quantization group; -1 = per output channel")
+    sym: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "RTNConfig":
+        check_group_size(self.group_size)
+        return self
+
+
+@register
+class RTN(Method):
+    name = "rtn"
+    Config = RTNConfig
+    layouts = ("uniform",)
+
+    def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
+        cfg: RTNConfig = self.config  # type: ignore[assignment]
+        W = weight.float()
+        rows, cols = W.shape
+        quantizer = UniformGroupQuantizer(rows, cols, cfg.bits, cfg.group_size, cfg.sym, W.device)
+        Q = quantizer.quantize_block(0, cols, W)
+        # Report the same OBS-style loss as the Hessian methods when a Hessian is at hand.
+        return quantizer.record(Q, loss=0.0)
