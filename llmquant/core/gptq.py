@@ -36,7 +36,7 @@ class ColumnQuantizer:
 
 @dataclass
 class GPTQResult:
-    dequantized: torch.Tensor  # float32, rows x cols, in the loop's column order
+    dequantized: torch.Tensor  # float32 (float64 for float64 input), rows x cols, in the loop's order
     loss: float  # sum (w - q)^2 / U_jj^2 / 2 over all elements
 
 
@@ -53,8 +53,10 @@ def gptq_loop(
     propagate_within_block=False is BiLLM's variant: a block is quantized from its values at the
     block start and only the block-to-block update W[:, i2:] -= E U[i1:i2, i2:] is applied.
     """
-    W = weight.detach().to(torch.float32).clone()
-    U = upper.to(device=W.device, dtype=torch.float32)
+    # float64 stays float64 (tests compare against exact references); anything else runs in float32.
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.detach().to(dtype).clone()
+    U = upper.to(device=W.device, dtype=dtype)
     rows, cols = W.shape
     Q = torch.zeros_like(W)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
@@ -64,24 +66,31 @@ def gptq_loop(
         W1 = W[:, i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
+        E1 = torch.zeros_like(W1)
+        done = [0]  # columns of this block already quantized
 
-        def current(j0: int, j1: int, W1: torch.Tensor = W1, i1: int = i1, i2: int = i2) -> torch.Tensor:
-            # Columns inside the block come from the working copy (inside-block updates applied),
-            # later columns from W (block-level updates applied).
+        def current(j0: int, j1: int, W1=W1, E1=E1, done=done, i1=i1, i2=i2) -> torch.Tensor:
+            # Columns inside the block come from the working copy (inside-block updates applied).
+            # Later columns still miss this block's pending update, which is applied here on the
+            # fly, so a group that straddles blocks is fitted on its true current values. (The
+            # reference reads the stale W there; with group size = block size it never matters.)
             inside = W1[:, max(j0, i1) - i1 : min(j1, i2) - i1] if j0 < i2 else W1[:, :0]
-            beyond = W[:, max(j0, i2) : j1] if j1 > i2 else W[:, :0]
+            if j1 <= i2:
+                return inside
+            lo = max(j0, i2)
+            beyond = W[:, lo:j1] - E1[:, : done[0]] @ U[i1 : i1 + done[0], lo:j1]
             return torch.cat([inside, beyond], dim=1)
 
         quantizer.begin_block(i1, i2, current)
         if propagate_within_block:
             Q1 = torch.zeros_like(W1)
-            E1 = torch.zeros_like(W1)
             for i in range(i2 - i1):
                 w = W1[:, i]
                 q = quantizer.quantize_column(i1 + i, w, current)
                 Q1[:, i] = q
                 err = (w - q) / d[i]
                 E1[:, i] = err
+                done[0] = i + 1
                 # OBS update of the rest of the block (column i itself becomes exactly q).
                 W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
         else:

@@ -41,7 +41,7 @@ class GPTQ(Method):
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
         cfg: GPTQConfig = self.config  # type: ignore[assignment]
-        W, H = weight.float(), hessian
+        W, H = (weight, hessian) if weight.dtype == torch.float64 else (weight.float(), hessian)
         fix_dead_columns(W, H)
         rows, cols = W.shape
         perm = None
@@ -53,9 +53,7 @@ class GPTQ(Method):
             rows, cols, cfg.bits, cfg.group_size, cfg.sym, W.device,
             perm=perm.cpu() if perm is not None else None,
             static_source=W if cfg.static_groups else None,
+            dtype=W.dtype,
         )
         result = gptq_loop(W[:, perm] if perm is not None else W, upper, quantizer, cfg.blocksize)
-        Q = result.dequantized
-        if perm is not None:
-            Q = Q[:, torch.argsort(perm)]
-        return quantizer.record(Q, result.loss)
+        return quantizer.record(rows, result.loss)

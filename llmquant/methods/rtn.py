@@ -36,6 +36,6 @@ class RTN(Method):
         W = weight.float()
         rows, cols = W.shape
         quantizer = UniformGroupQuantizer(rows, cols, cfg.bits, cfg.group_size, cfg.sym, W.device)
-        Q = quantizer.quantize_block(0, cols, W)
-        # Report the same OBS-style loss as the Hessian methods when a Hessian is at hand.
-        return quantizer.record(Q, loss=0.0)
+        quantizer.quantize_block(0, cols, W)  # fills the quantizer's codes and parameters
+        # No error feedback, so no OBS loss; the runner reports ||WX - QX||^2 / ||WX||^2 for every method.
+        return quantizer.record(rows, loss=0.0)

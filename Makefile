@@ -1,0 +1,27 @@
+# llmquant — make install | test | demo | bench
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Local corpora (WikiText-2, PTB, C4 sample) for tests, the demo and benchmarks; users without a
+# local copy leave LLMQUANT_DATA unset and the Hugging Face hub is used.
+SHARED_DATA := $(abspath ../shared/data)
+export LLMQUANT_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+demo: install
+	bash scripts/demo.sh $(VENV)
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf out runs .pytest_cache

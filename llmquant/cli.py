@@ -1,0 +1,279 @@
+"""The `llmquant` command line. Thin: parse, validate, call the library, print.
+
+Exit codes: 0 ok, 1 internal error (a bug), 2 invalid input, 3 numerical failure, 130 interrupted.
+Human-readable progress and logs go to stderr; results (and `--json`) go to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmquant.errors import LLMQuantError, UserError
+from llmquant.recipe import PROTOCOLS
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Post-training quantization of LLMs to 1-4 bits: RTN, GPTQ, BiLLM, PB-LLM, SliM-LLM.",
+)
+log = logging.getLogger("llmquant")
+
+DataDir = Annotated[
+    Optional[str], typer.Option("--data-dir", help="local corpora directory (default: $LLMQUANT_DATA, else the HF hub)")
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
+Protocol = Annotated[Optional[str], typer.Option("--protocol", help="p0 (papers: 128x2048) or p1 (CPU: 32x512 / 128x512 eval)")]
+
+
+def _protocol(name: Optional[str]) -> dict[str, int]:
+    if name is None:
+        return {}
+    if name.lower() not in PROTOCOLS:
+        raise UserError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {name!r}")
+    return PROTOCOLS[name.lower()]
+
+
+def _print_json(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.command()
+def quantize(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML")],
+    model: Annotated[Optional[str], typer.Option(help="override recipe.model")] = None,
+    output: Annotated[Optional[str], typer.Option(help="override recipe.output")] = None,
+    nsamples: Annotated[Optional[int], typer.Option(help="override calibration.nsamples")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="override calibration.seqlen")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="override calibration.seed")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="override calibration.dataset")] = None,
+    device: Annotated[Optional[str], typer.Option(help="override recipe.device (auto, cpu, cuda:N)")] = None,
+    protocol: Protocol = None,
+    data_dir: DataDir = None,
+    fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (dequantized fp checkpoint)")] = "packed",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quantize a model with a recipe and write a checkpoint plus llmquant.json."""
+    from llmquant.quantize import run_quantize
+    from llmquant.recipe import load_recipe
+    from llmquant.ui import progress
+
+    if fmt not in ("packed", "fake"):
+        raise UserError(f"--format: expected packed or fake, got {fmt!r}")
+    preset = _protocol(protocol)
+    overrides = {
+        "model": model,
+        "output": output,
+        "device": device,
+        "calibration.nsamples": nsamples if nsamples is not None else preset.get("nsamples"),
+        "calibration.seqlen": seqlen if seqlen is not None else preset.get("seqlen"),
+        "calibration.seed": seed,
+        "calibration.dataset": dataset,
+    }
+    parsed = load_recipe(recipe, overrides)
+    with progress(quiet) as bar:
+        task = bar.add_task("quantizing layers", total=None)
+
+        def on_start(layers: int) -> None:
+            bar.update(task, total=layers)
+
+        def on_layer(report) -> None:
+            worst = max(report.linears, key=lambda r: r.relative_error, default=None)
+            log.info(
+                "layer %d: %.1fs, mean rel. output error %.4f%s",
+                report.index,
+                report.seconds,
+                report.mean_relative_error,
+                f" (worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.relative_error:.4f})" if worst else "",
+            )
+            bar.advance(task)
+
+        out, report = run_quantize(parsed, force, data_dir, fmt, on_layer_done=on_layer, on_start=on_start)
+    if as_json:
+        _print_json(report)
+    else:
+        bits = report["bits"]
+        typer.echo(
+            f"wrote {out} ({report['method']}): bits/weight paper {bits['paper']:.3f}, code {bits['code']:.3f}, "
+            f"storage {bits['storage']:.3f}; quantize {report['time_seconds']['quantize']:.1f}s, "
+            f"peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB"
+        )
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option(help="model whose tokenizer cuts the windows")],
+    output: Annotated[Path, typer.Option(help="calibration file to write (.safetensors)")],
+    dataset: Annotated[str, typer.Option(help="wikitext2 | ptb | c4 | a .txt/.jsonl file")] = "c4",
+    nsamples: Annotated[Optional[int], typer.Option()] = None,
+    seqlen: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    protocol: Protocol = None,
+    data_dir: DataDir = None,
+    force: Annotated[bool, typer.Option("--force")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Sample and save a seeded calibration set that `quantize` can reuse (calibration.dataset: FILE)."""
+    from llmquant.data.calibration import build_calibration
+    from llmquant.models.loading import load_tokenizer
+    from llmquant.recipe import CalibrationConfig
+
+    if output.suffix != ".safetensors":
+        raise UserError(f"--output: must end in .safetensors, got {output}")
+    if output.exists() and not force:
+        raise UserError(f"output {output} already exists; pass --force to replace it")
+    preset = _protocol(protocol)
+    try:
+        cfg = CalibrationConfig(
+            dataset=dataset,
+            nsamples=nsamples or preset.get("nsamples", 128),
+            seqlen=seqlen or preset.get("seqlen", 2048),
+            seed=seed,
+        )
+    except ValueError as error:
+        raise UserError(f"calibrate: {str(error).splitlines()[-1].strip()}") from None
+    tokenizer = load_tokenizer(model)
+    calib = build_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    calib.save(output)
+    meta = {**calib.meta, "windows_sha256": calib.sha256, "output": str(output)}
+    if as_json:
+        _print_json(meta)
+    else:
+        typer.echo(f"wrote {output}: {cfg.nsamples} x {cfg.seqlen} tokens from {calib.meta['source']} (seed {cfg.seed}, sha256 {calib.sha256[:16]})")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="model directory (fp, fake-quant or packed), hub id, .gguf, or alias")],
+    ppl: Annotated[list[str], typer.Option(help="dataset(s): wikitext2, ptb, c4 or a .txt/.jsonl file")] = ["wikitext2"],  # noqa: B006
+    seqlen: Annotated[Optional[int], typer.Option(help="window length (default 2048, p1: 512)")] = None,
+    max_windows: Annotated[Optional[int], typer.Option(help="evaluate only the first N windows (p1: 128)")] = None,
+    protocol: Protocol = None,
+    data_dir: DataDir = None,
+    device: Annotated[str, typer.Option()] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16, float32")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print results as JSON on stdout")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Perplexity under the papers' protocol (methods-spec 1.8), with the protocol printed."""
+    from llmquant.data.streams import build_eval_stream
+    from llmquant.evaluate import perplexity, window_count
+    from llmquant.models.loading import load_model, resolve_device
+    from llmquant.ui import progress
+
+    if dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise UserError(f"--dtype: expected auto, float16, bfloat16 or float32, got {dtype!r}")
+    preset = {"p0": (2048, None), "p1": (512, 128)}.get((protocol or "").lower(), (2048, None))
+    _protocol(protocol)
+    seqlen = seqlen or preset[0]
+    max_windows = max_windows if max_windows is not None else preset[1]
+    if seqlen < 2:
+        raise UserError(f"--seqlen: must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows <= 0:
+        raise UserError(f"--max-windows: must be positive, got {max_windows}")
+    target = resolve_device(device)
+    lm, tokenizer, source = load_model(model, dtype, device)
+    lm.to(target)
+    results = []
+    for dataset in ppl:
+        stream = build_eval_stream(dataset, tokenizer, seqlen, data_dir)
+        n = window_count(stream.ids.numel(), seqlen, max_windows)
+        if n == 0:
+            raise UserError(f"{dataset}: {stream.ids.numel()} tokens is less than one window of {seqlen}")
+        line = stream.protocol_line(seqlen, n)
+        if not as_json:
+            typer.echo(line)
+        with progress(quiet) as bar:
+            task = bar.add_task(f"eval {dataset}", total=n)
+            result = perplexity(lm, stream.ids, seqlen, max_windows, target, lambda k, _n: bar.update(task, completed=k))
+        results.append(
+            {
+                "dataset": stream.dataset,
+                "split": stream.split,
+                "source": stream.source,
+                "text_sha256": stream.text_sha256,
+                "tokens": stream.ids.numel(),
+                "seqlen": seqlen,
+                "windows": result.windows,
+                "ppl": result.ppl,
+                "seconds": result.seconds,
+            }
+        )
+        if not as_json:
+            typer.echo(f"{dataset}: ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")
+    if as_json:
+        _print_json({"model": source.describe(), "results": results})
+
+
+@app.command()
+def pack(
+    model: Annotated[str, typer.Option(help="llmquant checkpoint directory")],
+    output: Annotated[Path, typer.Option(help="directory to write")],
+    fmt: Annotated[str, typer.Option("--format", help="native (packed bits) or fake (plain dequantized HF checkpoint)")],
+    dtype: Annotated[Optional[str], typer.Option(help="fake: weight dtype (float16, bfloat16, float32)")] = None,
+    force: Annotated[bool, typer.Option("--force")] = False,
+) -> None:
+    """Re-encode a checkpoint: native <-> fake-quant (see docs/format.md for the contract)."""
+    from llmquant.formats import convert
+    from llmquant.output import check_output_free
+
+    if fmt not in ("native", "fake"):
+        raise UserError(f"--format: expected native or fake, got {fmt!r}")
+    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
+        raise UserError(f"--dtype: expected float16, bfloat16 or float32, got {dtype!r}")
+    if not Path(model).is_dir():
+        raise UserError(f"model directory not found: {model}")
+    check_output_free(output, force)
+    convert(model, output, fmt, dtype=dtype, force=force)
+    typer.echo(f"wrote {output} ({fmt})")
+
+
+@app.command()
+def methods() -> None:
+    """List the quantization methods and their recipe fields."""
+    from llmquant.methods import available_methods
+
+    for name, cls in available_methods().items():
+        typer.echo(f"{name}  (layouts: {', '.join(cls.layouts)})")
+        for field, info in cls.Config.model_fields.items():
+            if field == "name":
+                continue
+            desc = f"  {info.description}" if info.description else ""
+            typer.echo(f"    {field} = {info.default!r}{desc}")
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML")],
+) -> None:
+    """Validate a recipe without loading anything; prints the resolved recipe as JSON."""
+    from llmquant.recipe import load_recipe
+
+    _print_json(load_recipe(recipe).dump())
+
+
+def main() -> None:
+    from llmquant.ui import setup_logging, stderr
+
+    setup_logging(quiet="--quiet" in sys.argv or "-q" in sys.argv)
+    try:
+        app()  # standalone: typer reports usage errors itself (exit 2)
+    except LLMQuantError as error:
+        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The sequential layer-by-layer runner (methods-spec 1.6), method-agnostic.
+
+1. Capture: every decoder layer's forward is swapped for a recorder and the calibration windows run
+   through the model. Only the embeddings compute; the recorders keep layer 0's input hidden states
+   and each layer's real call arguments (rotary position embeddings, masks, per-layer variants such
+   as Gemma3's sliding-window layers), exactly as the installed transformers passes them. Nothing is
+   rebuilt by hand, so new transformers releases and architectures keep working.
+2. Per decoder layer, on the compute device: run the inputs through the full-precision layer and
+   accumulate one Hessian per group of linears sharing an input; give methods that ask for it a
+   second pass (SliM-LLM's allocation search); quantize each linear through the method backend;
+   rerun the layer with its quantized weights to produce the next layer's inputs. So layer i is
+   calibrated on the outputs of the already-quantized layers 0..i-1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmquant.core.gptq import relative_output_error
+from llmquant.core.hessian import HessianAccumulator
+from llmquant.core.record import QuantizedRecord
+from llmquant.methods.base import Method, Observer
+from llmquant.models.layer_maps import ResolvedLayers
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder: nothing after the decoder layers is needed during capture."""
+
+
+@dataclass
+class LinearReport:
+    name: str
+    shape: tuple[int, int]
+    seconds: float
+    loss: float
+    relative_error: float  # ||WX - QX||^2 / ||WX||^2 on the calibration inputs
+    bits: dict[str, float]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LayerReport:
+    index: int
+    seconds: float
+    linears: list[LinearReport]
+
+    @property
+    def mean_relative_error(self) -> float:
+        return sum(r.relative_error for r in self.linears) / max(len(self.linears), 1)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class CapturedInputs:
+    hidden: torch.Tensor  # [nsamples, seqlen, hidden] inputs of the current layer
+    layer_kwargs: list[dict[str, Any]]  # per layer, the keyword arguments it is called with
+    returns_tuple: bool  # whether decoder layers return (hidden, ...) rather than a tensor
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor) -> CapturedInputs:
+    """Runs the windows through the embeddings only, recording what each decoder layer receives."""
+    n_layers = len(layers)
+    hidden: list[torch.Tensor] = []
+    layer_kwargs: list[dict[str, Any] | None] = [None] * n_layers
+    returns_tuple = False
+
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            states = args[0] if args else kwargs.pop("hidden_states")
+            if args[1:]:
+                raise RuntimeError("decoder layers called with extra positional arguments are not supported")
+            if index == 0:
+                hidden.append(states.detach())
+            if layer_kwargs[index] is None:
+                layer_kwargs[index] = kwargs
+            if index == n_layers - 1:
+                raise _StopForward
+            return (states,) if returns_tuple else states
+
+        return forward
+
+    device = _model_device(model)
+    # Layer 0 for real, once, to learn whether layers return a tensor or a tuple.
+    first: dict[str, Any] = {}
+
+    def stop_at_first(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first["hidden"] = args[0] if args else kwargs["hidden_states"]
+        first["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(windows[:1].to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        returns_tuple = isinstance(layers[0](first["hidden"], **first["kwargs"]), tuple)
+
+    for index, layer in enumerate(layers):
+        layer.forward = recorder(index)  # instance attribute shadows the class method
+    try:
+        with torch.no_grad():
+            for window in windows:
+                try:
+                    model(window.unsqueeze(0).to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for layer in layers:
+            del layer.forward
+    return CapturedInputs(torch.cat(hidden, dim=0), [k or {} for k in layer_kwargs], returns_tuple)
+
+
+class SequentialRunner:
+    """Quantizes every selected linear of every decoder layer with one method backend."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        resolved: ResolvedLayers,
+        method: Method,
+        device: torch.device,
+        hessian_dtype: torch.dtype = torch.float32,
+        on_layer_done: Callable[[LayerReport], None] | None = None,
+    ):
+        self.model = model
+        self.resolved = resolved
+        self.method = method
+        self.device = device
+        self.hessian_dtype = hessian_dtype
+        self.on_layer_done = on_layer_done
+
+    def run(self, windows: torch.Tensor) -> tuple[dict[str, QuantizedRecord], list[LayerReport]]:
+        captured = capture_inputs(self.model, self.resolved.layers, windows)
+        inputs = captured.hidden.to(self.device)
+        records: dict[str, QuantizedRecord] = {}
+        reports: list[LayerReport] = []
+        for index, layer in enumerate(self.resolved.layers):
+            start = time.perf_counter()
+            layer.to(self.device)
+            kwargs = to_device(captured.layer_kwargs[index], self.device)
+            linear_reports = self._quantize_layer(index, layer, inputs, kwargs, records)
+            inputs = self._forward(layer, inputs, kwargs, captured.returns_tuple)
+            if self.device.type != "cpu":
+                layer.to("cpu")
+            report = LayerReport(index, time.perf_counter() - start, linear_reports)
+            reports.append(report)
+            if self.on_layer_done:
+                self.on_layer_done(report)
+        return records, reports
+
+    @torch.no_grad()
+    def _forward(self, layer: nn.Module, inputs: torch.Tensor, kwargs: dict, returns_tuple: bool) -> torch.Tensor:
+        outputs = torch.empty_like(inputs)
+        for s in range(inputs.shape[0]):
+            out = layer(inputs[s : s + 1], **kwargs)
+            outputs[s : s + 1] = out[0] if returns_tuple else out
+        return outputs
+
+    @torch.no_grad()
+    def _quantize_layer(
+        self, index: int, layer: nn.Module, inputs: torch.Tensor, kwargs: dict, records: dict[str, QuantizedRecord]
+    ) -> list[LinearReport]:
+        prefix = f"{self.resolved.path}.{index}."
+        groups = self.resolved.groups[index]
+        modules: dict[str, nn.Linear] = {n: layer.get_submodule(n) for g in groups for n in g}  # type: ignore[misc]
+
+        # Pass 1: Hessians, one per group of linears that read the same input.
+        accumulators = {}
+        handles = []
+        for group in groups:
+            first = modules[group[0]]
+            acc = HessianAccumulator(first.in_features, self.device, self.hessian_dtype)
+            accumulators[tuple(group)] = acc
+            handles.append(first.register_forward_hook(lambda m, inp, out, acc=acc: acc.add_batch(inp[0])))
+        try:
+            for s in range(inputs.shape[0]):
+                layer(inputs[s : s + 1], **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        hessians = {n: accumulators[tuple(g)].finalize(prefix + n) for g in groups for n in g}
+        for group in groups:
+            if accumulators[tuple(group)].tokens == 0:
+                log.warning("%s: saw no calibration tokens; its Hessian is zero", prefix + group[0])
+
+        # Pass 2, only for methods that ask: per-sequence inputs and full-precision outputs.
+        observers: dict[str, Observer] = {}
+        for name, module in modules.items():
+            obs = self.method.observer(prefix + name, module.weight.detach().float().clone(), hessians[name].clone())
+            if obs is not None:
+                observers[name] = obs
+        if observers:
+            self._observe(layer, inputs, kwargs, modules, observers)
+
+        # Quantize every linear with its own copy of W and H.
+        reports = []
+        for name, module in modules.items():
+            t0 = time.perf_counter()
+            weight = module.weight.detach().float().clone()
+            hessian = hessians[name]
+            record = self.method.quantize(prefix + name, weight.clone(), hessian.clone(), observers.get(name))
+            module.weight.data.copy_(record.dequantized.to(module.weight.dtype))
+            relative = relative_output_error(weight, record.dequantized, hessian)
+            seconds = time.perf_counter() - t0
+            # Keep the records on the CPU; the model's weight already holds the dequantized values.
+            record.tensors = {k: v.cpu() for k, v in record.tensors.items()}
+            record.dequantized = module.weight.data
+            records[prefix + name] = record
+            reports.append(
+                LinearReport(
+                    prefix + name,
+                    tuple(weight.shape),
+                    seconds,
+                    record.loss,
+                    relative,
+                    record.bits.as_dict(),
+                    record.stats,
+                )
+            )
+        return reports
+
+    def _observe(self, layer, inputs, kwargs, modules, observers) -> None:
+        def feed(observer: Observer):
+            def hook(module, inp, out):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+                y = out.reshape(-1, out.shape[-1]).float()
+                observer.update(x, y)
+
+            return hook
+
+        handles = [modules[n].register_forward_hook(feed(obs)) for n, obs in observers.items()]
+        try:
+            for s in range(inputs.shape[0]):
+                layer(inputs[s : s + 1], **kwargs)
+        finally:
+            for h in handles:
+                h.remove()

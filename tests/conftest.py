@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random transformers models with a real byte-level tokenizer, built in code.
+
+No hub access: every model is made from a transformers config here, saved with save_pretrained,
+and loaded back the way a user's model directory would be.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOCAB = 256 + 2  # one token per byte, plus two specials
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A real tokenizer (one token per byte, no BOS) that handles any text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<unk>"] = len(vocab)
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_config(arch: str, layers: int = 2):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    if arch == "llama":
+        return transformers.LlamaConfig(**common, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"],
+        )
+    if arch == "opt":
+        return transformers.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            word_embed_proj_dim=64,
+        )
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch, layers))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A saved tiny random LLaMA model directory with its tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data not available")
+    return SHARED_DATA
+
+
+@pytest.fixture()
+def text_file(tmp_path) -> Path:
+    """A small real-text file (WikiText-2 test head when available, else generated prose)."""
+    source = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
+    text = source.read_text()[:20000] if source.is_file() else " ".join(f"sentence {i} about things." for i in range(2000))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    return path
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
