@@ -40,6 +40,22 @@ def _protocol(name: Optional[str]) -> dict[str, int]:
     return PROTOCOLS[name.lower()]
 
 
+def _parse_sets(items: list[str]) -> dict[str, object]:
+    """--set a.b=VALUE pairs; VALUE is read as YAML (so 3, 0.5, true, [0.9, 1.1] keep their types)."""
+    import yaml
+
+    parsed: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set: expected KEY=VALUE, got {item!r}")
+        try:
+            parsed[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise UserError(f"--set {key}: cannot parse value {value!r}") from None
+    return parsed
+
+
 def _print_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
@@ -55,6 +71,9 @@ def quantize(
     dataset: Annotated[Optional[str], typer.Option(help="override calibration.dataset")] = None,
     device: Annotated[Optional[str], typer.Option(help="override recipe.device (auto, cpu, cuda:N)")] = None,
     protocol: Protocol = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="override any recipe field: --set method.fidelity=paper (repeatable)")
+    ] = None,
     data_dir: DataDir = None,
     fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (dequantized fp checkpoint)")] = "packed",
     force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
@@ -77,6 +96,7 @@ def quantize(
         "calibration.seqlen": seqlen if seqlen is not None else preset.get("seqlen"),
         "calibration.seed": seed,
         "calibration.dataset": dataset,
+        **_parse_sets(set_ or []),
     }
     parsed = load_recipe(recipe, overrides)
     with progress(quiet) as bar:

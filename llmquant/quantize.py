@@ -22,7 +22,7 @@ from llmquant.core.runner import LayerReport, SequentialRunner
 from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import resolve_layers
-from llmquant.models.loading import load_model, resolve_device
+from llmquant.models.loading import load_model, resolve_device, resolve_save_dtype
 from llmquant.output import atomic_output_dir, check_output_free
 from llmquant.recipe import Recipe
 
@@ -108,6 +108,7 @@ def run_quantize(
     device = resolve_device(recipe.device)
     start = time.perf_counter()
     model, tokenizer, source = load_model(recipe.model, recipe.dtype, "cpu" if device.type == "cpu" else recipe.device)
+    save_dtype = resolve_save_dtype(recipe.save_dtype, model, source)
     loaded = time.perf_counter()
     cal = recipe.calibration
     calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)
@@ -129,6 +130,8 @@ def run_quantize(
         "quantize": quantized - calibrated,
     }
     report = build_report(recipe, source.describe(), calibration, records, layers, total_params, seconds, summary, device)
+    if model.dtype != save_dtype:
+        model.to(save_dtype)  # unquantized tensors only matter now; records keep their own precision
     with atomic_output_dir(recipe.output, force) as tmp:
         writing = time.perf_counter()
         info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe.dump()}

@@ -52,7 +52,12 @@ class Recipe(BaseModel):
     method: MethodConfig
     skip: tuple[str, ...] = Field((), description="glob patterns of linear module names kept in full precision")
     output: str
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="compute dtype; auto = float32 on CPU, the checkpoint's dtype on GPU"
+    )
+    save_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="dtype of the unquantized tensors written; auto = the checkpoint's own (fp16 for GGUF)"
+    )
     device: str = "auto"
     hessian_dtype: Literal["float32", "float64"] = "float32"
 

@@ -95,3 +95,11 @@ def inverse_cholesky_upper(
         f"{name or 'a linear'}: Hessian is not positive definite even with damping {damp / 10:.3g}; "
         "use more calibration samples or a larger percdamp"
     )
+
+
+def prepare_factor(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float, name: str = "") -> tuple[torch.Tensor, float]:
+    """What every Hessian method starts from: dead columns fixed in W and H (in place), then U.
+
+    Returns (U, percdamp actually used)."""
+    fix_dead_columns(weight, hessian)
+    return inverse_cholesky_upper(hessian, percdamp, name=name)

@@ -194,18 +194,13 @@ class SequentialRunner:
 
         # Pass 1: Hessians, one per group of linears that read the same input.
         accumulators = {}
-        handles = []
+        hooks = []
         for group in groups:
             first = modules[group[0]]
             acc = HessianAccumulator(first.in_features, self.device, self.hessian_dtype)
             accumulators[tuple(group)] = acc
-            handles.append(first.register_forward_hook(lambda m, inp, out, acc=acc: acc.add_batch(inp[0])))
-        try:
-            for s in range(inputs.shape[0]):
-                layer(inputs[s : s + 1], **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+            hooks.append((first, lambda m, inp, out, acc=acc: acc.add_batch(inp[0])))
+        _run_with_hooks(layer, inputs, kwargs, hooks)
         hessians = {n: accumulators[tuple(g)].finalize(prefix + n) for g in groups for n in g}
         for group in groups:
             if accumulators[tuple(group)].tokens == 0:
@@ -218,7 +213,8 @@ class SequentialRunner:
             if obs is not None:
                 observers[name] = obs
         if observers:
-            self._observe(layer, inputs, kwargs, modules, observers)
+            hooks = [(modules[n], _feed(obs)) for n, obs in observers.items()]
+            _run_with_hooks(layer, inputs, kwargs, hooks)
 
         # Quantize every linear with its own copy of W and H.
         reports = []
@@ -247,19 +243,24 @@ class SequentialRunner:
             )
         return reports
 
-    def _observe(self, layer, inputs, kwargs, modules, observers) -> None:
-        def feed(observer: Observer):
-            def hook(module, inp, out):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-                y = out.reshape(-1, out.shape[-1]).float()
-                observer.update(x, y)
 
-            return hook
+def _feed(observer: Observer) -> Callable:
+    """A forward hook handing a linear's (input, full-precision output) to an observer, per sequence."""
 
-        handles = [modules[n].register_forward_hook(feed(obs)) for n, obs in observers.items()]
-        try:
-            for s in range(inputs.shape[0]):
-                layer(inputs[s : s + 1], **kwargs)
-        finally:
-            for h in handles:
-                h.remove()
+    def hook(module: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+        x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+        observer.update(x, out.reshape(-1, out.shape[-1]).float())
+
+    return hook
+
+
+@torch.no_grad()
+def _run_with_hooks(layer: nn.Module, inputs: torch.Tensor, kwargs: dict, hooks: list[tuple[nn.Module, Callable]]) -> None:
+    """Runs every calibration sequence through `layer` with temporary forward hooks."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
+    try:
+        for s in range(inputs.shape[0]):
+            layer(inputs[s : s + 1], **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from llmquant.core.bits.binary_residual import binary_residual_bits
 from llmquant.core.gptq import ColumnQuantizer, CurrentColumns, gptq_loop
-from llmquant.core.hessian import fix_dead_columns, inverse_cholesky_upper
+from llmquant.core.hessian import prepare_factor
 from llmquant.core.layouts import decode
 from llmquant.core.record import QuantizedRecord
 from llmquant.methods.base import HessianMethodConfig, Method, register
@@ -324,8 +324,7 @@ class BiLLM(Method):
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
         cfg: BiLLMConfig = self.config  # type: ignore[assignment]
         W, H = weight.float(), hessian
-        fix_dead_columns(W, H)
-        upper, _ = inverse_cholesky_upper(H, cfg.percdamp, name=name)
+        upper, _ = prepare_factor(W, H, cfg.percdamp, name)
         rows, cols = W.shape
         quantizer = BinaryResidualQuantizer(rows, cols, torch.diag(upper).to(W), cfg)
         result = gptq_loop(W, upper, quantizer, cfg.blocksize, propagate_within_block=cfg.gptq_within_block)

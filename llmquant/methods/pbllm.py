@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 
 from llmquant.core.bits.partial_binary import partial_binary_bits
 from llmquant.core.gptq import ColumnQuantizer, CurrentColumns, gptq_loop
-from llmquant.core.hessian import fix_dead_columns, inverse_cholesky_upper
+from llmquant.core.hessian import prepare_factor
 from llmquant.core.layouts import decode
 from llmquant.core.record import QuantizedRecord
 from llmquant.core.uniform import dequantize_codes, minmax_params, quantize_codes
@@ -190,9 +190,8 @@ class PBLLM(Method):
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
         cfg: PBLLMConfig = self.config  # type: ignore[assignment]
         W, H = weight.float(), hessian
-        fix_dead_columns(W, H)
+        upper, damp = prepare_factor(W, H, cfg.percdamp, name)
         group_size = effective_group_size(cfg.group_size, W.shape[1])
-        upper, damp = inverse_cholesky_upper(H, cfg.percdamp, name=name)
         high_scale, high_zero = fit_high_quantizer(W, cfg.high_bit)
         salient = select_salient(salience_scores(W, upper, cfg.salient_metric), group_size, cfg.salient_fraction)
         alpha, mu = fit_binary_params(W, salient, group_size, cfg.stats_mode)

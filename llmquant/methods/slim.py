@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from llmquant.core.gptq import gptq_loop
-from llmquant.core.hessian import fix_dead_columns, inverse_cholesky_upper
+from llmquant.core.hessian import prepare_factor
 from llmquant.core.record import QuantizedRecord
 from llmquant.errors import UserError
 from llmquant.methods.base import Method, MethodConfig, Observer, register
@@ -78,16 +78,14 @@ class SliM(Method):
         if cfg.allocation is not None and name in cfg.allocation:
             return None
         W, H = weight.float().clone(), hessian.clone()
-        fix_dead_columns(W, H)
-        upper, _ = inverse_cholesky_upper(H, cfg.percdamp, name=name)
+        upper, _ = prepare_factor(W, H, cfg.percdamp, name)
         max_pairs = max(pair_counts(W.shape[1] // cfg.group_size, include_uniform=True), default=0)
         return SBAObserver(W, torch.diag(upper), cfg.bits, cfg.group_size, max_pairs)
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
         cfg: SliMConfig = self.config  # type: ignore[assignment]
         W, H = weight.float(), hessian
-        fix_dead_columns(W, H)
-        upper, _ = inverse_cholesky_upper(H, cfg.percdamp, name=name)
+        upper, _ = prepare_factor(W, H, cfg.percdamp, name)
         group_bits, stats = self._allocate(name, W.shape[1], observer)
         quantizer = MixedGroupQuantizer(W, group_bits, cfg.group_size, torch.diag(upper), cfg.sqc_settings())
         result = gptq_loop(W, upper, quantizer, blocksize=cfg.group_size)

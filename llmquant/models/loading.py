@@ -78,6 +78,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_save_dtype(name: str, model, source: ModelSource) -> torch.dtype:
+    """The dtype unquantized tensors are written in. `auto` keeps the checkpoint's own half
+    precision (computing in float32 on a CPU must not double the embeddings on disk); a GGUF file
+    has no float dtype of its own, so its dequantized weights are written in float16."""
+    if name != "auto":
+        return getattr(torch, name)
+    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if source.gguf_file or stored not in (torch.float16, torch.bfloat16, torch.float32):
+        return torch.float16
+    return stored
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,12 +126,25 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
         model = load_quantized(source.location, dtype=None if torch_dtype == "auto" else torch_dtype)
         return model, load_tokenizer(spec), source
     log.info("loading %s", source.describe())
+    extra = {}
+    if source.gguf_file:
+        from transformers import GgufConfig
+
+        # Always dequantize: with GGUF kernels installed transformers would otherwise keep the
+        # weights in GGUF blocks, and llmquant's baseline is the plain dequantized model.
+        extra["quantization_config"] = GgufConfig(gguf_file=source.gguf_file, dequantize=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.location, gguf_file=source.gguf_file, dtype=torch_dtype, low_cpu_mem_usage=True
+            source.location, gguf_file=source.gguf_file, dtype=torch_dtype, low_cpu_mem_usage=True, **extra
         )
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load model {source.describe()}: {str(error).splitlines()[0]}") from None
+    if source.gguf_file:
+        # The weights are plain tensors now: detach the GGUF quantizer so the model saves, copies
+        # and reports itself like any full-precision model.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     model.eval()
     model.config.use_cache = False
     return model, load_tokenizer(spec), source

