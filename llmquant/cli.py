@@ -182,6 +182,9 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16, float32")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON on stdout")] = False,
+    packed_forward: Annotated[
+        bool, typer.Option("--packed-forward", help="decode packed weights on every forward (packed-size memory, slower)")
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
     """Perplexity under the papers' protocol (methods-spec 1.8), with the protocol printed."""
@@ -203,6 +206,10 @@ def evaluate(
     target = resolve_device(device)
     lm, tokenizer, source = load_model(model, dtype, device)
     lm.to(target)
+    if not packed_forward:
+        from llmquant.runtime.qlinear import set_backend
+
+        set_backend(lm, "torch-cached")  # identical numbers; decode each packed weight once
     results = []
     for dataset in ppl:
         stream = build_eval_stream(dataset, tokenizer, seqlen, data_dir)

@@ -424,6 +424,14 @@ def test_packed_model_gives_the_fake_quant_logits_exactly(tiny, native_dir):
     assert torch.equal(logits(loaded), logits(fake_quant(model, records, torch.float32)))
 
 
+def test_cached_backend_gives_the_same_logits(native_dir):
+    loaded = load_quantized(native_dir)
+    reference = logits(loaded)
+    assert set_backend(loaded, "torch-cached") > 0
+    assert torch.equal(logits(loaded), reference)
+    assert torch.equal(logits(loaded), reference)  # second call uses the kept weights
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision_models_in_both_formats_agree(tiny, dtype, tmp_path):
     model, records = tiny

@@ -38,7 +38,18 @@ def torch_backend(module: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, module.dequantize().to(x.dtype), module.bias)
 
 
-_BACKENDS: dict[str, Backend] = {"torch": torch_backend}
+def cached_torch_backend(module: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
+    """The reference path with the decoded weight kept after the first call: the same numbers, at
+    the memory of an unpacked model. For evaluation and benchmarking on CPU, where decoding every
+    linear on every forward would dominate the time."""
+    weight = module.__dict__.get("_decoded")
+    if weight is None or weight.dtype != x.dtype or weight.device != x.device:
+        weight = module.dequantize().to(x.dtype)
+        module.__dict__["_decoded"] = weight  # a plain attribute: not saved, not a buffer
+    return F.linear(x, weight, module.bias)
+
+
+_BACKENDS: dict[str, Backend] = {"torch": torch_backend, "torch-cached": cached_torch_backend}
 
 
 def register_backend(name: str, backend: Backend) -> None:
