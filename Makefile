@@ -1,4 +1,4 @@
-# llmquant — make install | test | demo | bench
+# llmquant — make install | test | demo | bench | bench-quick
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Local corpora (WikiText-2, PTB, C4 sample) for tests, the demo and benchmarks; users without a
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SHARED_DATA := $(abspath ../shared/data)
 export LLMQUANT_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/run_all.py
+
+bench-quick: install
+	$(PY) benchmarks/run_all.py --quick
 
 clean:
 	rm -rf out runs .pytest_cache

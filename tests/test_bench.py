@@ -1,0 +1,221 @@
+"""`llmquant bench` and `eval --kl`: report fields and their consistency, the KL math, CLI errors.
+
+No timing assertions: timings depend on the machine. Tiny models, short prompts, few repetitions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from typer.testing import CliRunner
+
+from conftest import byte_tokenizer, tiny_model
+from llmquant.cli import app
+from llmquant.errors import UserError
+from llmquant.bench import BenchSettings, format_report, run_bench
+from llmquant.evaluate import Reference, kl_divergence, perplexity, reference_key
+from llmquant.formats import load_quantized, save_packed
+from llmquant.methods import get_method_class
+from llmquant.models.loading import load_model
+
+SMALL = BenchSettings(prompt_tokens=24, new_tokens=4, decode_prompt_tokens=8, warmup=1, repeats=3)
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory) -> Path:
+    """The conftest tiny LLaMA (same seed as tiny_llama_dir), every decoder linear GPTQ 3-bit, packed."""
+    model = tiny_model("llama")
+    gptq = get_method_class("gptq")
+    method = gptq(gptq.Config(bits=3, group_size=32))
+    g = torch.Generator().manual_seed(0)
+    records = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            x = torch.randn(128, module.in_features, generator=g)
+            records[name] = method.quantize(name, module.weight.detach().float().clone(), 2 * x.T @ x / 128)
+    directory = tmp_path_factory.mktemp("packed")
+    save_packed(model, records, directory, {"method": "gptq"})
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def report(packed_dir, tiny_llama_dir) -> dict:
+    return run_bench([str(packed_dir)], str(tiny_llama_dir), SMALL, "cpu")
+
+
+def test_bench_report_fields_and_ratios(report, packed_dir, tiny_llama_dir):
+    base, (model,) = report["baseline"], report["models"]
+    assert report["device"] == "cpu" and report["threads"] >= 1 and report["settings"]["repeats"] == 3
+    for record, folder in ((base, tiny_llama_dir), (model, packed_dir)):
+        files = sorted(folder.glob("*.safetensors"))
+        assert record["bytes_on_disk"] == sum(f.stat().st_size for f in files) > 0
+        assert record["files"] == [f.name for f in files]
+        assert record["load_seconds"] > 0
+        for phase, tokens in (("prefill", 24), ("decode", 4)):
+            timing = record[phase]
+            assert timing["tokens"] == tokens and len(timing["seconds"]["runs"]) == 3
+            for summary in (timing["seconds"], timing["tokens_per_second"]):
+                assert summary["min"] <= summary["median"] <= summary["max"]
+            assert sorted(timing["tokens_per_second"]["runs"]) == pytest.approx(sorted(tokens / s for s in timing["seconds"]["runs"]))
+        memory = record["memory"]
+        assert memory["peak_rss_bytes"] >= memory["rss_before_load_bytes"] > 0
+        assert memory["peak_rss_delta_bytes"] == memory["peak_rss_bytes"] - memory["rss_before_load_bytes"]
+        assert memory["tensor_bytes"] > 0
+    assert model["decode"]["prompt_tokens"] == 8
+
+    # The packed model is the same architecture: same parameter count, fewer bytes, real bit figures.
+    assert model["parameters"] == base["parameters"] == sum(p.numel() for p in tiny_model("llama").parameters())
+    assert model["packed_linears"] == 14 and model["backend"] == "torch-cached" and base["backend"] is None
+    assert model["bits_source"] == "quantization_config" and model["bits"]["code"] == 3 and model["method"] == "gptq"
+    assert base["bits"] == {"paper": 32, "code": 32, "storage": 32}
+    assert model["memory"]["tensor_bytes"] < base["memory"]["tensor_bytes"]
+    assert model["memory"]["decoded_cache_bytes"] > 0 and base["memory"]["decoded_cache_bytes"] == 0
+
+    ratios = model["ratios"]
+    assert ratios["bytes_on_disk"] == model["bytes_on_disk"] / base["bytes_on_disk"] < 1
+    assert ratios["parameters"] == 1
+    for name, get in (
+        ("decode_tokens_per_second", lambda r: r["decode"]["tokens_per_second"]["median"]),
+        ("prefill_tokens_per_second", lambda r: r["prefill"]["tokens_per_second"]["median"]),
+        ("load_seconds", lambda r: r["load_seconds"]),
+        ("tensor_bytes", lambda r: r["memory"]["tensor_bytes"]),
+    ):
+        assert ratios[name] == pytest.approx(get(model) / get(base))
+    json.dumps(report)  # serializable as is
+
+    text = "\n".join(format_report(report))
+    assert "torch-cached" in text and "decode tok/s" in text and packed_dir.name in text
+
+
+def test_bench_without_baseline_and_per_forward_backend(packed_dir):
+    settings = BenchSettings(prompt_tokens=16, new_tokens=2, decode_prompt_tokens=4, warmup=0, repeats=1, backend="torch")
+    report = run_bench([str(packed_dir)], None, settings, "cpu")
+    (model,) = report["models"]
+    assert report["baseline"] is None and model["ratios"] is None
+    assert model["backend"] == "torch" and model["memory"]["decoded_cache_bytes"] == 0
+
+
+def test_kl_math_against_a_hand_computed_case():
+    # Position 0: P = (1/2, 1/4, 1/4), Q = (1/4, 1/2, 1/4): KL = 1/2 ln 2 - 1/4 ln 2 = ln2 / 4; argmaxes differ.
+    # Position 1: identical distributions (shifted logits): KL = 0; argmaxes agree.
+    ref = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.7, 0.2]]).log()
+    other = torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.7, 0.2]]).log() + 3.0
+    kl, agree = kl_divergence(ref, other)
+    assert kl.dtype == torch.float64
+    assert kl[0].item() == pytest.approx(math.log(2) / 4, abs=1e-6) and kl[1].item() == pytest.approx(0, abs=1e-6)
+    assert agree.tolist() == [False, True]
+    # A token the reference rules out contributes nothing, even where the other model rules it out too.
+    kl, _ = kl_divergence(torch.tensor([[0.0, -math.inf]]), torch.tensor([[0.0, -math.inf]]))
+    assert kl.item() == 0
+    # Chunking does not change the numbers.
+    a, b = torch.randn(50, 17), torch.randn(50, 17)
+    assert torch.allclose(kl_divergence(a, b, chunk=7)[0], kl_divergence(a, b)[0])
+
+
+def test_kl_in_the_ppl_pass(packed_dir, tiny_llama_dir, tmp_path):
+    ids = torch.randint(0, 250, (400,), generator=torch.Generator().manual_seed(1))
+    fp, _, fp_source = load_model(str(tiny_llama_dir), "float32", "cpu")
+    same, _, _ = load_model(str(tiny_llama_dir), "float32", "cpu")
+    packed = load_quantized(packed_dir)
+
+    plain = perplexity(packed, ids, seqlen=64)
+    assert plain.divergence is None
+    result = perplexity(packed, ids, seqlen=64, reference=Reference(fp))
+    div = result.divergence
+    assert result.ppl == plain.ppl  # the same number with or without --kl
+    assert div.positions == 6 * 63 and len(div.window_kl) == 6
+    assert div.kl > 0 and 0 <= div.top1 <= 1 and div.kl_median <= div.kl_p99 <= div.kl_max
+    assert div.kl == pytest.approx(sum(div.window_kl) / 6)
+    assert div.reference_ppl == pytest.approx(perplexity(fp, ids, seqlen=64).ppl, rel=1e-12)
+
+    # The reference against itself: KL 0 and full agreement.
+    self_div = perplexity(fp, ids, seqlen=64, reference=Reference(same)).divergence
+    assert self_div.kl == 0 and self_div.kl_max == 0 and self_div.top1 == 1
+
+    # The cache: built once, then used, with the same numbers; a damaged file is rebuilt.
+    key = reference_key(fp_source, ids, 64, 6, fp, "cpu")
+    built = perplexity(packed, ids, seqlen=64, reference=Reference(fp, tmp_path, key)).divergence
+    (cache,) = tmp_path.glob("reference-*.safetensors")
+    used = perplexity(packed, ids, seqlen=64, reference=Reference(fp, tmp_path, key)).divergence
+    assert (built.reference_cache, used.reference_cache) == ("built", "used")
+    assert used.kl == pytest.approx(div.kl, rel=1e-6) and built.kl == div.kl and used.top1 == div.top1
+    cache.write_bytes(b"not a safetensors file")
+    assert perplexity(packed, ids, seqlen=64, reference=Reference(fp, tmp_path, key)).divergence.reference_cache == "built"
+    other_key = reference_key(fp_source, ids, 64, 5, fp, "cpu")
+    assert perplexity(packed, ids, seqlen=64, max_windows=5, reference=Reference(fp, tmp_path, other_key)).divergence.reference_cache == "built"
+    assert len(list(tmp_path.glob("reference-*.safetensors"))) == 2
+
+
+def test_no_reference_cache_when_the_logits_are_post_processed(tmp_path):
+    model = tiny_model("gemma3")
+    model.config.final_logit_softcapping = 5.0  # logits = 5 tanh(head / 5): not the output layer's output
+    ids = torch.randint(0, 250, (100,), generator=torch.Generator().manual_seed(2))
+    div = perplexity(model, ids, seqlen=32, reference=Reference(model, tmp_path, {"test": 1})).divergence
+    assert div.reference_cache is None and div.kl == 0 and div.top1 == 1
+    assert not list(tmp_path.iterdir())
+
+
+def invoke(*args: str):
+    """The CLI in this process (fast: nothing to import again); exit-code mapping is tested separately."""
+    return CliRunner().invoke(app, list(args))
+
+
+def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(" ".join(f"The number {i} is followed by {i + 1}." for i in range(60)))
+    done = invoke(
+        "eval", "--model", str(packed_dir), "--ppl", str(text), "--seqlen", "128", "--kl",
+        "--reference", str(tiny_llama_dir), "--json", "--quiet",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    (result,) = json.loads(done.stdout)["results"]
+    assert result["kl"] > 0 and 0 <= result["top1_agreement"] <= 1 and result["reference"] == str(tiny_llama_dir)
+    assert result["kl_positions"] == result["windows"] * 127 and result["reference_ppl"] > 1
+
+    done = invoke(
+        "eval", "--model", str(packed_dir), "--ppl", str(text), "--seqlen", "128", "--kl",
+        "--reference", str(tiny_llama_dir), "--quiet",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "KL" in done.stdout and "top-1 agreement" in done.stdout
+
+    done = invoke(
+        "bench", "--model", str(packed_dir), "--baseline", str(tiny_llama_dir), "--prompt-tokens", "16",
+        "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--quiet",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert "decode tok/s" in done.stdout and "ratio" in done.stdout and "torch-cached" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["eval", "--model", "{fp}", "--kl"], "--kl needs --reference"),
+        (["eval", "--model", "{fp}", "--reference", "{fp}"], "only apply with --kl"),
+        (["bench", "--model", "./nowhere"], "model directory not found: ./nowhere"),
+        (["bench", "--model", "{fp}", "--baseline", "./nowhere"], "model directory not found: ./nowhere"),
+        (["bench", "--model", "{fp}", "--repeats", "0"], "--repeats"),
+        (["bench", "--model", "{fp}", "--device", "gpu"], "--device"),
+    ],
+)
+def test_bad_input_is_a_user_error(args, fragment, tiny_llama_dir):
+    done = invoke(*[a.replace("{fp}", str(tiny_llama_dir)) for a in args])
+    assert isinstance(done.exception, UserError) and fragment in str(done.exception)
+    assert done.stdout == ""
+
+
+def test_missing_reference_exits_2_with_one_line(tiny_llama_dir):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    args = ["eval", "--model", str(tiny_llama_dir), "--kl", "--reference", "./nowhere"]
+    done = subprocess.run([sys.executable, "-m", "llmquant.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip().splitlines() == ["error: model directory not found: ./nowhere"]
