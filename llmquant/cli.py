@@ -76,11 +76,25 @@ def quantize(
     ] = None,
     data_dir: DataDir = None,
     fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (dequantized fp checkpoint)")] = "packed",
-    force: Annotated[bool, typer.Option("--force", help="replace an existing output directory")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="replace an existing output directory; without --resume, also discard an unfinished run"),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue an interrupted run from its work directory (.OUTPUT.work next to the output); "
+            "starts from layer 0 if there is none",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Quantize a model with a recipe and write a checkpoint plus llmquant.json."""
+    """Quantize a model with a recipe and write a checkpoint plus llmquant.json.
+
+    Every finished decoder layer is checkpointed next to the output; after a crash, the same command
+    with --resume continues and writes a checkpoint identical to an uninterrupted run's."""
     from llmquant.quantize import run_quantize
     from llmquant.recipe import load_recipe
     from llmquant.ui import progress
@@ -102,8 +116,8 @@ def quantize(
     with progress(quiet) as bar:
         task = bar.add_task("quantizing layers", total=None)
 
-        def on_start(layers: int) -> None:
-            bar.update(task, total=layers)
+        def on_start(layers: int, done: int = 0) -> None:
+            bar.update(task, total=layers, completed=done)
 
         def on_layer(report) -> None:
             worst = max(report.linears, key=lambda r: r.relative_error, default=None)
@@ -116,7 +130,7 @@ def quantize(
             )
             bar.advance(task)
 
-        out, report = run_quantize(parsed, force, data_dir, fmt, on_layer_done=on_layer, on_start=on_start)
+        out, report = run_quantize(parsed, force, data_dir, fmt, on_layer_done=on_layer, on_start=on_start, resume=resume)
     if as_json:
         _print_json(report)
     else:

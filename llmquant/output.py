@@ -2,7 +2,9 @@
 
 An interrupted run leaves at most a `.NAME.partial-PID` directory, never something that looks like a
 finished checkpoint, and never touches an existing output unless the user asked for --force (then
-the old directory is replaced only after the new one is complete).
+the old directory is replaced only after the new one is complete). Files are fsync'ed before the
+rename; leftovers of killed runs (whose PID is gone) are removed by the next write to the same
+target. `quantize`'s resumable work directory `.NAME.work` is managed by llmquant/resume.py.
 """
 
 from __future__ import annotations
@@ -25,16 +27,57 @@ def check_output_free(target: str | Path, force: bool) -> Path:
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_partials(path: Path) -> None:
+    """Removes `.NAME.partial-PID` / `.NAME.old-PID` left by killed runs (their PID is gone)."""
+    if not path.parent.is_dir():
+        return
+    for leftover in path.parent.glob(f".{path.name}.*-*"):
+        kind, _, pid = leftover.name.removeprefix(f".{path.name}.").rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush the files' data to disk before the rename publishes them (a power cut must not leave a
+    complete-looking directory with empty files)."""
+    for file in directory.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     path = check_output_free(target, force)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(path)
     partial = path.parent / f".{path.name}.partial-{os.getpid()}"
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
     try:
         yield partial
+        _fsync_tree(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

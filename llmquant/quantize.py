@@ -23,8 +23,10 @@ from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import resolve_layers
 from llmquant.models.loading import load_model, resolve_device, resolve_save_dtype
+from llmquant.errors import UserError
 from llmquant.output import atomic_output_dir, check_output_free
 from llmquant.recipe import Recipe
+from llmquant.resume import WorkDir, check_work_dir, environment, finished_layers, make_fingerprint, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,7 @@ def build_report(
         "device": str(device),
         "calibration": {**calibration.meta, "windows_sha256": calibration.sha256},
         "bits": bits.as_dict(),
+        "uncalibrated_linears": [r.name for l in layers for r in l.linears if r.tokens == 0],
         "parameters": {"quantized": quantized, "total": total_params},
         "time_seconds": seconds,
         "peak_memory": peak_memory(),
@@ -96,6 +99,27 @@ def write_checkpoint(model, tokenizer, records: dict[str, QuantizedRecord], dire
     tokenizer.save_pretrained(directory)
 
 
+def check_finite_weights(model, source: str) -> None:
+    """A NaN/Inf in the model to quantize is a broken input file (exit 2), not a numerical failure of
+    the quantizer; found here it is named, instead of surfacing as a NaN Hessian layers later."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        for chunk in tensor.detach().reshape(-1).split(1 << 24):  # bounded temporary memory
+            if not bool(torch.isfinite(chunk).all()):
+                raise UserError(f"model {source}: tensor {name} contains NaN/Inf")
+
+
+def check_calibration_ids(calibration: CalibrationSet, model) -> None:
+    vocab = model.get_input_embeddings().num_embeddings
+    windows = calibration.windows
+    if windows.numel() and (int(windows.min()) < 0 or int(windows.max()) >= vocab):
+        raise UserError(
+            f"calibration: token ids range over [{int(windows.min())}, {int(windows.max())}], "
+            f"the model's vocabulary has {vocab} entries (a calibration file from another tokenizer?)"
+        )
+
+
 def run_quantize(
     recipe: Recipe,
     force: bool = False,
@@ -103,43 +127,76 @@ def run_quantize(
     fmt: str = "packed",
     on_layer_done=None,
     on_start=None,
+    resume: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
+    """Quantize and write the checkpoint. Every finished layer is checkpointed into the work
+    directory next to the output (llmquant/resume.py); `resume` continues from there, `force`
+    replaces an existing output and (without `resume`) discards an unfinished run's work directory.
+    on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays."""
     check_output_free(recipe.output, force)  # fail before anything expensive
+    check_work_dir(recipe.output, resume, force)
     device = resolve_device(recipe.device)
     start = time.perf_counter()
     model, tokenizer, source = load_model(recipe.model, recipe.dtype, "cpu" if device.type == "cpu" else recipe.device)
+    check_finite_weights(model, source.describe())
     save_dtype = resolve_save_dtype(recipe.save_dtype, model, source)
     loaded = time.perf_counter()
     cal = recipe.calibration
     calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)
+    check_calibration_ids(calibration, model)
     calibrated = time.perf_counter()
-    resolved = resolve_layers(model, recipe.skip)
-    method = get_method_class(recipe.method.name)(recipe.method)
-    if on_start:
-        on_start(len(resolved.layers))
-    runner = SequentialRunner(
-        model, resolved, method, device, getattr(torch, recipe.hessian_dtype), on_layer_done=on_layer_done
+    fingerprint = make_fingerprint(
+        recipe.dump(), model_identity(source.describe(), model), calibration.windows, calibration.sha256
     )
-    records, layers = runner.run(calibration.windows)
-    quantized = time.perf_counter()
-    summary = method.summary()
-    total_params = sum(p.numel() for p in model.parameters())
-    seconds = {
-        "load": loaded - start,
-        "calibration": calibrated - loaded,
-        "quantize": quantized - calibrated,
-    }
-    report = build_report(recipe, source.describe(), calibration, records, layers, total_params, seconds, summary, device)
-    if model.dtype != save_dtype:
-        model.to(save_dtype)  # unquantized tensors only matter now; records keep their own precision
-    with atomic_output_dir(recipe.output, force) as tmp:
-        writing = time.perf_counter()
-        info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe.dump()}
-        write_checkpoint(model, tokenizer, records, tmp, fmt, info)
-        if "allocation" in summary:
-            (tmp / ALLOCATION_FILE).write_text(json.dumps({"allocation": summary["allocation"]}, indent=1))
-        report["time_seconds"]["write"] = time.perf_counter() - writing
-        report["time_seconds"]["total"] = time.perf_counter() - start
-        report["peak_memory"] = peak_memory()
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    work = WorkDir.open(recipe.output, fingerprint, environment(device, model.dtype), resume, force)
+    try:
+        resolved = resolve_layers(model, recipe.skip)
+        method = get_method_class(recipe.method.name)(recipe.method)
+        resume_point = work.load(model, resolved, method) if resume else None
+        restored = resume_point.start if resume_point else 0
+        if on_start:
+            on_start(len(resolved.layers), restored)
+        runner = SequentialRunner(
+            model,
+            resolved,
+            method,
+            device,
+            getattr(torch, recipe.hessian_dtype),
+            on_layer_done=on_layer_done,
+            sink=work.save_layer,
+        )
+        records, layers = runner.run(calibration.windows, resume_point)
+        quantized = time.perf_counter()
+        summary = method.summary()
+        total_params = sum(p.numel() for p in model.parameters())
+        seconds = {
+            "load": loaded - start,
+            "calibration": calibrated - loaded,
+            "quantize": quantized - calibrated,
+        }
+        report = build_report(recipe, source.describe(), calibration, records, layers, total_params, seconds, summary, device)
+        report["resumed_layers"] = restored
+        if model.dtype != save_dtype:
+            model.to(save_dtype)  # unquantized tensors only matter now; records keep their own precision
+        with atomic_output_dir(recipe.output, force) as tmp:
+            writing = time.perf_counter()
+            # The output path is left out so that the checkpoint's bytes do not depend on where it is written.
+            recipe_info = {k: v for k, v in recipe.dump().items() if k != "output"}
+            info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe_info}
+            write_checkpoint(model, tokenizer, records, tmp, fmt, info)
+            if "allocation" in summary:
+                (tmp / ALLOCATION_FILE).write_text(json.dumps({"allocation": summary["allocation"]}, indent=1))
+            report["time_seconds"]["write"] = time.perf_counter() - writing
+            report["time_seconds"]["total"] = time.perf_counter() - start
+            report["peak_memory"] = peak_memory()
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    except BaseException:
+        kept = finished_layers(work.path)
+        if kept == 0:
+            work.remove()  # nothing worth resuming: leave nothing behind
+        else:
+            work.close()
+            log.warning("%d finished layer(s) are kept in %s; rerun with --resume to continue from there", kept, work.path)
+        raise
+    work.remove()
     return Path(recipe.output), report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,10 +84,16 @@ class Recipe(BaseModel):
         return data
 
 
+def _loc_part(part: Any) -> str:
+    """A field path element; odd keys (spaces, newlines, empty) are quoted so the error stays one line."""
+    text = str(part)
+    return text if re.fullmatch(r"[\w\-]+", text) else json.dumps(text)
+
+
 def _format_error(source: str, error: ValidationError, prefix: str = "") -> UserError:
     first = error.errors()[0]
-    loc = ".".join(str(part) for part in (prefix, *first["loc"]) if part != "")
-    msg = first["msg"].removeprefix("Value error, ")
+    loc = ".".join(_loc_part(part) for part in ([prefix] if prefix else []) + list(first["loc"]))
+    msg = " ".join(first["msg"].removeprefix("Value error, ").split())
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":

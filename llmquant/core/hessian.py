@@ -11,12 +11,30 @@ mean the same thing for every seqlen.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
 from llmquant.errors import NumericalError
 
 log = logging.getLogger(__name__)
+
+# Damping escalations (name, percdamp asked, percdamp used) seen inside `record_damping()`; the runner
+# puts them into the per-linear report without the methods having to pass them along.
+_ESCALATIONS: ContextVar[list[tuple[str, float, float]] | None] = ContextVar("llmquant_damping", default=None)
+
+
+@contextmanager
+def record_damping() -> Iterator[list[tuple[str, float, float]]]:
+    """Collects every damping escalation of `inverse_cholesky_upper` called inside the block."""
+    seen: list[tuple[str, float, float]] = []
+    token = _ESCALATIONS.set(seen)
+    try:
+        yield seen
+    finally:
+        _ESCALATIONS.reset(token)
 
 
 class HessianAccumulator:
@@ -43,8 +61,8 @@ class HessianAccumulator:
         """Returns H = 2/N * sum(x x^T). Raises NumericalError on NaN/Inf (e.g. fp16 overflow)."""
         if not torch.isfinite(self.sum).all():
             raise NumericalError(
-                f"{name or 'a linear'}: the Hessian contains NaN/Inf (an activation overflowed?); "
-                "try --dtype float32 or a different calibration set"
+                f"{name or 'a linear'}: the Hessian contains NaN/Inf (an input activation overflowed?); "
+                "compute in float32 (recipe `dtype: float32`, or `--set dtype=float32`) or check the model's weights"
             )
         if self.tokens == 0:
             return torch.zeros_like(self.sum)
@@ -88,7 +106,15 @@ def inverse_cholesky_upper(
             upper, info2 = torch.linalg.cholesky_ex(inverse, upper=True)
             if info2.item() == 0 and torch.isfinite(upper).all():
                 if attempt:
-                    log.warning("%s: Cholesky needed damping %.3g (asked %.3g)", name or "linear", damp, percdamp)
+                    log.warning(
+                        "%s: Hessian not positive definite; Cholesky needed damping %.3g (asked %.3g)",
+                        name or "linear",
+                        damp,
+                        percdamp,
+                    )
+                    escalations = _ESCALATIONS.get()
+                    if escalations is not None:
+                        escalations.append((name, percdamp, damp))
                 return upper, damp
         damp = damp * 10 if damp > 0 else 1e-4
     raise NumericalError(

@@ -10,6 +10,17 @@
    second pass (SliM-LLM's allocation search); quantize each linear through the method backend;
    rerun the layer with its quantized weights to produce the next layer's inputs. So layer i is
    calibrated on the outputs of the already-quantized layers 0..i-1.
+
+The runner knows nothing about files. Resuming (llmquant/resume.py) goes through two hooks: a
+`ResumePoint` (the first layer to run, the hidden states that feed it, the finished layers' records
+and reports) and a `LayerSink` called after every layer with that layer's records and the hidden
+states that feed the next one, before the progress callback.
+
+Numerical guards: a Hessian with NaN/Inf, a quantized weight with NaN/Inf, or a layer whose outputs
+(the next layer's inputs) hold NaN/Inf stop the run with a NumericalError naming the module. A
+linear that saw no calibration tokens (an expert no token was routed to) is quantized with the
+identity as its Hessian (no error feedback, i.e. round-to-nearest on the method's own grid), logged,
+and reported with `tokens: 0`. Damping escalations are reported per linear (`damping`).
 """
 
 from __future__ import annotations
@@ -18,14 +29,15 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from llmquant.core.gptq import relative_output_error
-from llmquant.core.hessian import HessianAccumulator
+from llmquant.core.hessian import HessianAccumulator, record_damping
 from llmquant.core.record import QuantizedRecord
+from llmquant.errors import NumericalError
 from llmquant.methods.base import Method, Observer
 from llmquant.models.layer_maps import ResolvedLayers
 
@@ -45,6 +57,8 @@ class LinearReport:
     relative_error: float  # ||WX - QX||^2 / ||WX||^2 on the calibration inputs
     bits: dict[str, float]
     stats: dict[str, Any] = field(default_factory=dict)
+    tokens: int = -1  # calibration tokens the linear saw; 0 = uncalibrated (identity Hessian)
+    damping: float | None = None  # percdamp actually used when Cholesky needed more than asked
 
 
 @dataclass
@@ -138,6 +152,27 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tenso
     return CapturedInputs(torch.cat(hidden, dim=0), [k or {} for k in layer_kwargs], returns_tuple)
 
 
+@dataclass
+class ResumePoint:
+    """Where a resumed run continues: layers < start are done (their weights already hold the
+    dequantized values); `inputs` are the hidden states that feed layer `start`, saved verbatim
+    (recomputing them is not bit-identical); records/reports are those of the finished layers."""
+
+    start: int
+    inputs: torch.Tensor | None  # None when start == number of layers
+    records: dict[str, QuantizedRecord]
+    reports: list[LayerReport]
+
+
+class LayerSink(Protocol):
+    """Called after each layer: its report, its records (name -> record, tensors on the CPU), and the
+    hidden states that feed the next layer (None after the last layer)."""
+
+    def __call__(
+        self, report: LayerReport, records: dict[str, QuantizedRecord], next_inputs: torch.Tensor | None
+    ) -> None: ...
+
+
 class SequentialRunner:
     """Quantizes every selected linear of every decoder layer with one method backend."""
 
@@ -149,6 +184,7 @@ class SequentialRunner:
         device: torch.device,
         hessian_dtype: torch.dtype = torch.float32,
         on_layer_done: Callable[[LayerReport], None] | None = None,
+        sink: LayerSink | None = None,
     ):
         self.model = model
         self.resolved = resolved
@@ -156,22 +192,49 @@ class SequentialRunner:
         self.device = device
         self.hessian_dtype = hessian_dtype
         self.on_layer_done = on_layer_done
+        self.sink = sink
 
-    def run(self, windows: torch.Tensor) -> tuple[dict[str, QuantizedRecord], list[LayerReport]]:
-        captured = capture_inputs(self.model, self.resolved.layers, windows)
+    def run(
+        self, windows: torch.Tensor, resume: ResumePoint | None = None
+    ) -> tuple[dict[str, QuantizedRecord], list[LayerReport]]:
+        layers = self.resolved.layers
+        start = resume.start if resume else 0
+        records: dict[str, QuantizedRecord] = dict(resume.records) if resume else {}
+        reports: list[LayerReport] = list(resume.reports) if resume else []
+        if start >= len(layers):
+            return records, reports
+        captured = capture_inputs(self.model, layers, windows)
         inputs = captured.hidden.to(self.device)
-        records: dict[str, QuantizedRecord] = {}
-        reports: list[LayerReport] = []
-        for index, layer in enumerate(self.resolved.layers):
-            start = time.perf_counter()
+        if resume is not None and start > 0:
+            assert resume.inputs is not None
+            if resume.inputs.shape != inputs.shape:
+                raise ValueError(f"resume: saved inputs of shape {tuple(resume.inputs.shape)}, expected {tuple(inputs.shape)}")
+            inputs = resume.inputs.to(self.device, inputs.dtype)
+        for index in range(start, len(layers)):
+            layer = layers[index]
+            begin = time.perf_counter()
             layer.to(self.device)
             kwargs = to_device(captured.layer_kwargs[index], self.device)
-            linear_reports = self._quantize_layer(index, layer, inputs, kwargs, records)
+            layer_records: dict[str, QuantizedRecord] = {}
+            linear_reports = self._quantize_layer(index, layer, inputs, kwargs, layer_records)
             inputs = self._forward(layer, inputs, kwargs, captured.returns_tuple)
+            last = index == len(layers) - 1
+            if not last and not bool(torch.isfinite(inputs).all()):
+                raise NumericalError(
+                    f"{self.resolved.path}.{index}: the layer's outputs (the next layer's inputs) contain NaN/Inf "
+                    "(an activation overflowed?); compute in float32 (`--set dtype=float32`)"
+                )
             if self.device.type != "cpu":
                 layer.to("cpu")
-            report = LayerReport(index, time.perf_counter() - start, linear_reports)
+            prefix = f"{self.resolved.path}.{index}."
+            for name, record in layer_records.items():
+                # The records keep the model's own (CPU) weight tensor, not the compute-device copy.
+                record.dequantized = layer.get_submodule(name.removeprefix(prefix)).weight.data
+            records.update(layer_records)
+            report = LayerReport(index, time.perf_counter() - begin, linear_reports)
             reports.append(report)
+            if self.sink:
+                self.sink(report, layer_records, None if last else inputs)
             if self.on_layer_done:
                 self.on_layer_done(report)
         return records, reports
@@ -202,14 +265,27 @@ class SequentialRunner:
             hooks.append((first, lambda m, inp, out, acc=acc: acc.add_batch(inp[0])))
         _run_with_hooks(layer, inputs, kwargs, hooks)
         hessians = {n: accumulators[tuple(g)].finalize(prefix + n) for g in groups for n in g}
+        tokens = {n: accumulators[tuple(g)].tokens for g in groups for n in g}
         for group in groups:
-            if accumulators[tuple(group)].tokens == 0:
-                log.warning("%s: saw no calibration tokens; its Hessian is zero", prefix + group[0])
+            acc = accumulators[tuple(group)]
+            if acc.tokens == 0:
+                # No data: the identity makes every method fall back to its grid without error
+                # feedback (GPTQ-style updates vanish), instead of treating all columns as dead.
+                log.warning(
+                    "%s: saw no calibration tokens; quantized without calibration (identity Hessian)",
+                    ", ".join(prefix + n for n in group),
+                )
+                identity = torch.eye(acc.columns, device=self.device, dtype=self.hessian_dtype)
+                for n in group:
+                    hessians[n] = identity.clone()
 
         # Pass 2, only for methods that ask: per-sequence inputs and full-precision outputs.
         observers: dict[str, Observer] = {}
+        damping: dict[str, list[tuple[str, float, float]]] = {n: [] for n in modules}
         for name, module in modules.items():
-            obs = self.method.observer(prefix + name, module.weight.detach().float().clone(), hessians[name].clone())
+            with record_damping() as seen:
+                obs = self.method.observer(prefix + name, module.weight.detach().float().clone(), hessians[name].clone())
+            damping[name] += seen
             if obs is not None:
                 observers[name] = obs
         if observers:
@@ -222,7 +298,13 @@ class SequentialRunner:
             t0 = time.perf_counter()
             weight = module.weight.detach().float().clone()
             hessian = hessians[name]
-            record = self.method.quantize(prefix + name, weight.clone(), hessian.clone(), observers.get(name))
+            with record_damping() as seen:
+                record = self.method.quantize(prefix + name, weight.clone(), hessian.clone(), observers.get(name))
+            damping[name] += seen
+            if not bool(torch.isfinite(record.dequantized).all()):
+                raise NumericalError(
+                    f"{prefix + name}: the quantized weight contains NaN/Inf (a weight or scale out of float16 range?)"
+                )
             module.weight.data.copy_(record.dequantized.to(module.weight.dtype))
             relative = relative_output_error(weight, record.dequantized, hessian)
             seconds = time.perf_counter() - t0
@@ -239,6 +321,8 @@ class SequentialRunner:
                     relative,
                     record.bits.as_dict(),
                     record.stats,
+                    tokens=tokens[name],
+                    damping=max((used for _, _, used in damping[name]), default=None),
                 )
             )
         return reports

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from llmquant.data.corpora import Corpus, load_corpus, text_sha256
 from llmquant.errors import UserError
+from llmquant.formats.safetensors_io import write_safetensors
 
 CALIBRATION_FORMAT = "llmquant-calibration/1"
 
@@ -42,27 +42,29 @@ class CalibrationSet:
         return hashlib.sha256(self.windows.to(torch.int64).numpy().tobytes()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        target = Path(path)
-        tmp = target.with_name(f".{target.name}.tmp")
         meta = {**self.meta, "format": CALIBRATION_FORMAT, "windows_sha256": self.sha256}
-        save_file({"input_ids": self.windows.contiguous()}, str(tmp), metadata={"llmquant": json.dumps(meta)})
-        tmp.replace(target)
+        write_safetensors(path, {"input_ids": self.windows}, {"llmquant": json.dumps(meta)})  # atomic
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationSet":
         try:
-            tensors = load_file(str(path))
             with safe_open(str(path), "pt") as handle:
                 raw = (handle.metadata() or {}).get("llmquant")
-        except (SafetensorError, OSError, ValueError) as error:
-            raise UserError(f"{path}: not a readable calibration file: {error}") from None
-        if raw is None or "input_ids" not in tensors:
+                names = set(handle.keys())
+                windows = handle.get_tensor("input_ids") if "input_ids" in names else None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise UserError(f"{path}: not a readable calibration file: {' '.join(str(error).split())}") from None
+        if raw is None or windows is None:
             raise UserError(f"{path}: not an llmquant calibration file (no input_ids / metadata)")
-        meta = json.loads(raw)
+        try:
+            meta = json.loads(raw)
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise UserError(f"{path}: not an llmquant calibration file (its metadata is not a JSON object)")
         if meta.get("format") != CALIBRATION_FORMAT:
             raise UserError(f"{path}: unsupported calibration format {meta.get('format')!r}")
-        windows = tensors["input_ids"]
-        if windows.dim() != 2 or windows.dtype != torch.int64:
+        if windows.dim() != 2 or windows.dtype != torch.int64 or 0 in windows.shape:
             raise UserError(f"{path}: input_ids must be int64 [nsamples, seqlen], got {windows.dtype} {tuple(windows.shape)}")
         result = cls(windows, meta)
         if meta.get("windows_sha256") != result.sha256:

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -34,6 +33,7 @@ from llmquant.core.record import QuantizedRecord
 from llmquant.errors import UserError
 from llmquant.formats import packers
 from llmquant.formats.packers import PackedLinear
+from llmquant.formats.safetensors_io import write_safetensors
 from llmquant.output import atomic_output_dir
 
 FORMAT_VERSION = 1
@@ -181,7 +181,8 @@ def _save_generation_config(model: PreTrainedModel, directory: Path) -> None:
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> None:
-    save_file(tensors, str(path), metadata=header)
+    # Not safetensors' save_file: its metadata order varies between processes (docs/reliability.md).
+    write_safetensors(path, tensors, header)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -315,8 +316,11 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt") as file:
             header = file.metadata() or {}
             tensors = {key: file.get_tensor(key) for key in file.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
         raise UserError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{path}: tensor {key} contains NaN/Inf")
     return tensors, header
 
 

@@ -19,6 +19,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from llmquant.errors import UserError
 from llmquant.formats.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, read_checkpoint, resolve_dtype
+from llmquant.models.loading import error_summary, model_load_errors
 from llmquant.runtime.qlinear import QuantizedLinear
 
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -54,8 +55,8 @@ def _empty_model(checkpoint: Checkpoint, dtype: torch.dtype, config_path: Path) 
         # because checkpoints do not store the non-persistent ones.
         with init_empty_weights(include_buffers=False):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"{config_path}: cannot build a causal LM from it ({' '.join(str(exc).split())})") from None
+    except model_load_errors() as exc:
+        raise UserError(f"{config_path}: cannot build a causal LM from it ({' '.join(error_summary(exc).split())})") from None
 
 
 def _install_linears(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, path: Path) -> None:
@@ -94,8 +95,13 @@ def _load_plain(model: nn.Module, plain: dict[str, torch.Tensor], dtype: torch.d
     for key, tensor in plain.items():
         if tensor.shape != state[key].shape:
             raise UserError(f"{path}: {key} has shape {list(tensor.shape)}, config.json needs {list(state[key].shape)}")
-    cast = {key: t.to(dtype) if t.is_floating_point() else t for key, t in plain.items()}
-    model.load_state_dict(cast, strict=False, assign=True)
+        if tensor.is_floating_point() != state[key].is_floating_point():
+            raise UserError(f"{path}: {key} is stored as {tensor.dtype}, the model needs {state[key].dtype}")
+    cast = {key: t.to(dtype) if t.is_floating_point() else t.to(state[key].dtype) for key, t in plain.items()}
+    try:
+        model.load_state_dict(cast, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: cannot load its tensors into the model ({' '.join(str(exc).split())[:300]})") from None
     model.tie_weights()  # e.g. lm_head <- embed_tokens: stored once (see checkpoint._plain_tensors)
     missing = sorted(key for key, t in model.state_dict(keep_vars=True).items() if t.is_meta)
     if missing:

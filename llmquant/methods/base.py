@@ -72,6 +72,12 @@ class Method:
     def summary(self) -> dict[str, Any]:
         return {}
 
+    # Resuming an interrupted run (llmquant/resume.py): called for every record of the layers that
+    # were finished before the interruption, in the order they were quantized, instead of
+    # quantize(). A method with state across linears (whatever summary() reports) rebuilds it here.
+    def restore(self, name: str, record: QuantizedRecord) -> None:
+        return None
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -116,6 +116,9 @@ class SliM(Method):
         }
         return allocation_bits(observer.ranking, pairs, groups, cfg.bits), stats
 
+    def restore(self, name: str, record: QuantizedRecord) -> None:
+        self.chosen[name] = [int(b) for b in record.tensors["group_bits"].tolist()]
+
     def summary(self) -> dict[str, Any]:
         """The chosen allocation, {linear name: [bits per group]}, in the recipe's `allocation` shape."""
         return {"allocation": dict(self.chosen)}

@@ -107,8 +107,37 @@ def load_tokenizer(spec: str):
     source = resolve_model_source(spec)
     try:
         return AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    except OSError as error:
-        raise UserError(f"cannot load a tokenizer from {source.describe()}: {str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises bare Exception for damaged files
+        raise UserError(f"cannot load a tokenizer from {source.describe()}: {error_summary(error)}") from None
+
+
+def model_load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a damaged or inconsistent model on disk (all user errors)."""
+    import struct
+
+    from safetensors import SafetensorError
+
+    errors: list[type[BaseException]] = [
+        OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, AttributeError, SafetensorError, struct.error
+    ]
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors.append(StrictDataclassError)
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        pass
+    return tuple(errors)
+
+
+def error_summary(error: BaseException) -> str:
+    text = str(error).strip()
+    if "ignore_mismatched_sizes" in text:
+        return "the shapes of its weights do not match its config.json"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    # "Validation error for field 'x':" says what, the next line says why.
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
@@ -133,12 +162,24 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
         # Always dequantize: with GGUF kernels installed transformers would otherwise keep the
         # weights in GGUF blocks, and llmquant's baseline is the plain dequantized model.
         extra["quantization_config"] = GgufConfig(gguf_file=source.gguf_file, dequantize=True)
+    if not source.gguf_file:
+        extra["output_loading_info"] = True
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        loaded = AutoModelForCausalLM.from_pretrained(
             source.location, gguf_file=source.gguf_file, dtype=torch_dtype, low_cpu_mem_usage=True, **extra
         )
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load model {source.describe()}: {str(error).splitlines()[0]}") from None
+    except model_load_errors() as error:
+        raise UserError(f"cannot load model {source.describe()}: {error_summary(error)}") from None
+    if isinstance(loaded, tuple):
+        model, info = loaded
+        # transformers fills tensors missing from the files with random values (and only warns).
+        missing = sorted(info.get("missing_keys") or ())
+        if missing:
+            raise UserError(
+                f"cannot load model {source.describe()}: tensor {missing[0]} ({len(missing)} in all) is missing from its weights"
+            )
+    else:
+        model = loaded
     if source.gguf_file:
         # The weights are plain tensors now: detach the GGUF quantizer so the model saves, copies
         # and reports itself like any full-precision model.
