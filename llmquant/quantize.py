@@ -139,7 +139,7 @@ def run_quantize(
     start = time.perf_counter()
     model, tokenizer, source = load_model(recipe.model, recipe.dtype, "cpu" if device.type == "cpu" else recipe.device)
     check_finite_weights(model, source.describe())
-    save_dtype = resolve_save_dtype(recipe.save_dtype, model, source)
+    save_dtype = resolve_save_dtype(recipe.save_dtype, source)
     loaded = time.perf_counter()
     cal = recipe.calibration
     calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)

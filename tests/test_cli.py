@@ -119,3 +119,27 @@ def test_same_seed_same_weights(recipe, tmp_path):
     first, second = (load_file(str(o / "model.safetensors")) for o in outs)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_unquantized_tensors_keep_the_checkpoints_dtype(tmp_path, text_file):
+    """Computing in float32 on a CPU must not write the embeddings of an fp16 checkpoint in float32."""
+    from safetensors import safe_open
+
+    from conftest import tiny_model
+    from llmquant.quantize import run_quantize
+    from llmquant.recipe import parse_recipe
+
+    source = tmp_path / "fp16-model"
+    tiny_model("llama").half().save_pretrained(source)
+    byte_tokenizer().save_pretrained(source)
+    recipe = parse_recipe(
+        {
+            "model": str(source),
+            "calibration": {"dataset": str(text_file), "nsamples": 2, "seqlen": 32},
+            "method": {"name": "rtn", "bits": 4, "group_size": 32},
+            "output": str(tmp_path / "out"),
+        }
+    )
+    out, _ = run_quantize(recipe)
+    with safe_open(str(out / "model.safetensors"), "pt") as handle:
+        assert handle.get_slice("model.embed_tokens.weight").get_dtype() == "F16"

@@ -78,18 +78,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def resolve_save_dtype(name: str, model, source: ModelSource) -> torch.dtype:
-    """The dtype unquantized tensors are written in. `auto` keeps the checkpoint's own half
-    precision (computing in float32 on a CPU must not double the embeddings on disk); a GGUF file
-    has no float dtype of its own, so its dequantized weights are written in float16."""
-    if name != "auto":
-        return getattr(torch, name)
-    stored = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
+    """The float dtype the checkpoint's config.json declares. Read from the file, not from a loaded
+    model: loading in another compute dtype (float32 on a CPU) rewrites model.config."""
+    if source.gguf_file:
+        return None  # quantized blocks: no float dtype of their own
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError):
+        return None
+    stored = getattr(config, "dtype", None)
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
-    if source.gguf_file or stored not in (torch.float16, torch.bfloat16, torch.float32):
-        return torch.float16
-    return stored
+    return stored if stored in (torch.float16, torch.bfloat16, torch.float32) else None
+
+
+def resolve_save_dtype(name: str, source: ModelSource) -> torch.dtype:
+    """The dtype unquantized tensors are written in. `auto` keeps the checkpoint's own dtype
+    (computing in float32 on a CPU must not double the embeddings on disk); a GGUF file's
+    dequantized weights are written in float16."""
+    if name != "auto":
+        return getattr(torch, name)
+    return checkpoint_dtype(source) or torch.float16
 
 
 def resolve_device(name: str) -> torch.device:
