@@ -1,7 +1,7 @@
 """Packed checkpoints run exactly like their fake-quant twins (docs/format.md).
 
 For every run directory that `make bench` left under runs/bench/: convert it with `llmquant pack
---format fake`, load both (the packed one through llmquant's loader, the fake one with plain
+--format fake --dtype float32`, load both in float32 (the packed one through llmquant's loader, the fake one with plain
 transformers), and compare logits (torch.equal) and perplexity on the first WINDOWS windows of the
 P1 WikiText-2 stream. Prints a table and writes runs/bench/packed_vs_fake.json.
 
@@ -27,6 +27,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench")
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--only", nargs="*", help="run directory names")
     args = parser.parse_args()
     os.environ.setdefault("LLMQUANT_DATA", str(ROOT.parent / "shared" / "data"))
 
@@ -38,11 +39,17 @@ def main() -> None:
     from llmquant.models.loading import load_tokenizer
 
     rows = []
-    for run in sorted(p for p in args.runs.iterdir() if p.is_dir() and is_packed_checkpoint(p)):
+    runs = [p for p in args.runs.iterdir() if p.is_dir() and not p.name.startswith(".") and is_packed_checkpoint(p)]
+    if args.only:
+        runs = [p for p in runs if p.name in args.only]
+    for run in sorted(runs):
         fake = args.runs / f"{run.name}.fake"
         if not fake.exists():
             subprocess.run(
-                [sys.executable, "-m", "llmquant.cli", "pack", "--model", str(run), "--format", "fake", "--output", str(fake)],
+                # float32: the decoded weights unrounded, so both models compute on identical weights
+                # (an fp16 fake copy equals the packed model run in fp16, not in fp32).
+                [sys.executable, "-m", "llmquant.cli", "pack", "--model", str(run), "--format", "fake",
+                 "--dtype", "float32", "--output", str(fake)],
                 check=True, cwd=ROOT, capture_output=True,
             )
         t0 = time.perf_counter()
@@ -60,7 +67,7 @@ def main() -> None:
         row = {
             "run": run.name,
             "packed_bytes": (run / "model.safetensors").stat().st_size,
-            "fake_fp16_bytes": (fake / "model.safetensors").stat().st_size,
+            "fake_fp32_bytes": (fake / "model.safetensors").stat().st_size,
             "logits_identical": same_logits,
             "ppl_packed": ppl_packed,
             "ppl_fake": ppl_fake,
@@ -70,7 +77,7 @@ def main() -> None:
         }
         rows.append(row)
         print(
-            f"{run.name:24s} packed {row['packed_bytes'] / 2**20:6.1f} MiB  fake {row['fake_fp16_bytes'] / 2**20:6.1f} MiB  "
+            f"{run.name:24s} packed {row['packed_bytes'] / 2**20:6.1f} MiB  fake(fp32) {row['fake_fp32_bytes'] / 2**20:6.1f} MiB  "
             f"logits identical: {same_logits}  ppl {ppl_packed:.4f} vs {ppl_fake:.4f}  "
             f"load {packed_load:.2f}s vs {fake_load:.2f}s",
             flush=True,

@@ -44,7 +44,8 @@ from llmquant.core.layouts import check_tensors, decode
 from llmquant.core.record import BitFigures, QuantizedRecord
 from llmquant.core.runner import LayerReport, LinearReport, ResumePoint
 from llmquant.errors import UserError
-from llmquant.formats.safetensors_io import fsync_dir, write_safetensors
+from llmquant.formats.safetensors_io import write_safetensors
+from llmquant.output import fsync_dir
 from llmquant.methods.base import Method
 from llmquant.models.layer_maps import ResolvedLayers
 

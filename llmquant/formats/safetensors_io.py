@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from llmquant.output import fsync_dir
+
 DTYPES = {
     torch.float64: "F64",
     torch.float32: "F32",
@@ -36,19 +38,6 @@ DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
