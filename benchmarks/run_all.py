@@ -219,7 +219,8 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
             f"{r['checkpoint_bytes'] / fp_bytes:.2f}× | {r['quantize_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
             f"{_fmt(ratio, '.2f')}{'×' if ratio is not None else ''} |"
         )
-    lines += ["", "Runs with overrides: " + ", ".join(f"`{r['label']}` = `{' '.join(r['overrides'])}`" for r in rows if r["overrides"]) or "none", ""]
+    overrides = ", ".join(f"`{r['label']}` = `{' '.join(r['overrides'])}`" for r in rows if r["overrides"])
+    lines += ["", "Runs with overrides: " + (overrides or "none"), ""]
     path_md.parent.mkdir(parents=True, exist_ok=True)
     path_md.write_text("\n".join(lines) + "\n")
 
