@@ -36,12 +36,8 @@ from llmquant.resume import KILL_ENV, PAUSE_ENV, WorkDir, check_work_dir, work_d
 VOLATILE = {"created", "time_seconds", "peak_memory", "resumed_layers"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Byte-identical comparisons need one thread count for every run (docs/reliability.md).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
