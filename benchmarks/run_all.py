@@ -233,6 +233,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny calibration, 4 eval windows, short bench")
     parser.add_argument("--no-kl", action="store_true", help="skip the KL divergence (eval --kl) of each checkpoint")
     parser.add_argument("--no-speed", action="store_true", help="skip the final `llmquant bench` of every checkpoint")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="quantize and evaluate nothing: run the `llmquant bench` pass over the rows already in the JSON "
+                             "(one process, so every decode ×fp shares one baseline measurement)")
     parser.add_argument("--md", type=Path, help="default docs/results.md (--quick: RUNS/results.md)")
     parser.add_argument("--json", type=Path, help="default docs/results.json (--quick: RUNS/results.json)")
     args = parser.parse_args()
@@ -250,6 +253,13 @@ def main() -> None:
 
     started = time.perf_counter()
     base = baseline_dir(runs)
+    if args.speed_only:
+        previous = json.loads(json_path.read_text())
+        rows, baseline = previous["runs"], previous["baseline"]
+        measure_speed(rows, base, runs, {r["label"] for r in rows if (runs / r["label"] / "model.safetensors").is_file()}, baseline, args.quick)
+        write_results(rows, baseline, md, json_path, args.quick)
+        print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
+        return
     print(f"baseline {base}", flush=True)
     fp = evaluate(base, quick=args.quick)
     baseline = {"ppl": fp["ppl"], "fp16_bytes": dir_bytes(base), "parameters": stored_parameters(base / "model.safetensors"), "eval": fp}
