@@ -222,7 +222,20 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
     overrides = ", ".join(f"`{r['label']}` = `{' '.join(r['overrides'])}`" for r in rows if r["overrides"])
     lines += ["", "Runs with overrides: " + (overrides or "none"), ""]
     path_md.parent.mkdir(parents=True, exist_ok=True)
-    path_md.write_text("\n".join(lines) + "\n")
+    path_md.write_text("\n".join(lines) + "\n" + kept_notes(path_md))
+
+
+NOTES_MARKER = "<!-- Written by hand below this line; make bench keeps it. -->"
+
+
+def kept_notes(path_md: Path) -> str:
+    """The hand-written analysis under NOTES_MARKER in the previous file, so that regenerating the
+    table does not delete it (it may then describe older numbers: it says which run it discusses)."""
+    if not path_md.is_file():
+        return ""
+    previous = path_md.read_text()
+    at = previous.find(NOTES_MARKER)
+    return "" if at < 0 else "\n" + previous[at:]
 
 
 def main() -> None:

@@ -219,3 +219,31 @@ def test_missing_reference_exits_2_with_one_line(tiny_llama_dir):
     done = subprocess.run([sys.executable, "-m", "llmquant.cli", *args], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == ["error: model directory not found: ./nowhere"]
+
+
+def _run_all_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", Path(__file__).resolve().parents[1] / "benchmarks" / "run_all.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_table_is_regenerated_and_hand_notes_are_kept(tmp_path):
+    run_all = _run_all_module()
+    row = {
+        "label": "gptq-w3g128", "method": "gptq", "calibration": {"dataset": "c4"}, "overrides": [],
+        "ppl": 40.0, "kl": 0.25, "top1_agreement": 0.8, "bits": {"paper": 3.0, "code": 3.0, "storage": 3.161},
+        "checkpoint_bytes": 2**20, "quantize_seconds": 12.0, "peak_rss_bytes": 2**30,
+    }
+    baseline = {"ppl": 30.0, "fp16_bytes": 4 * 2**20}
+    md, js = tmp_path / "results.md", tmp_path / "results.json"
+    run_all.write_results([row], baseline, md, js)
+    assert "| gptq-w3g128 | gptq | c4 | 40.00 | +10.00 | 0.2500 | 80.0% | 3.000 | 3.000 | 3.161 | 1.0 | 0.25× | 12 | 1.00 | — |" in md.read_text()
+    md.write_text(md.read_text() + run_all.NOTES_MARKER + "\nwhat surprised us\n")
+    run_all.write_results([{**row, "ppl": 50.0}], baseline, md, js)
+    text = md.read_text()
+    assert "| 50.00 | +20.00 |" in text and "| 40.00 |" not in text
+    assert text.count(run_all.NOTES_MARKER) == 1 and text.endswith("what surprised us\n")
+    assert json.loads(js.read_text())["runs"][0]["ppl"] == 50.0
