@@ -91,6 +91,27 @@ def evaluate(model: Path | str, reference: Path | None = None, cache: Path | Non
     return llmquant(*args)["results"][0]
 
 
+def baseline_evaluation(base: Path, runs: Path, quick: bool) -> dict:
+    """The baseline's PPL, evaluated once per baseline file and eval setting: a later `--only` run
+    reuses it (RUNS/baseline-eval.json) instead of spending another full P1 pass on the same model."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(base / "model.safetensors", "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    key = {"model_sha256": digest.hexdigest(), "quick": quick, "data": os.environ.get("LLMQUANT_DATA", "")}
+    cache = runs / "baseline-eval.json"
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            print("   (baseline PPL from runs/baseline-eval.json)", flush=True)
+            return stored["eval"]
+    result = evaluate(base, quick=quick)
+    cache.write_text(json.dumps({"key": key, "eval": result}, indent=2) + "\n")
+    return result
+
+
 def dir_bytes(path: Path, name: str = "model.safetensors") -> int:
     return (path / name).stat().st_size
 
@@ -274,7 +295,7 @@ def main() -> None:
         print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
         return
     print(f"baseline {base}", flush=True)
-    fp = evaluate(base, quick=args.quick)
+    fp = baseline_evaluation(base, runs, args.quick)
     baseline = {"ppl": fp["ppl"], "fp16_bytes": dir_bytes(base), "parameters": stored_parameters(base / "model.safetensors"), "eval": fp}
     print(f"full precision: ppl {fp['ppl']:.3f}", flush=True)
 
