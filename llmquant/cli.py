@@ -399,11 +399,22 @@ def methods() -> None:
 @app.command()
 def validate(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML")],
+    protocol: Protocol = None,
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="override any recipe field, as for quantize (repeatable)")
+    ] = None,
 ) -> None:
-    """Validate a recipe without loading anything; prints the resolved recipe as JSON."""
+    """Validate a recipe (with the same --protocol and --set overrides quantize takes) without loading
+    anything; prints the resolved recipe as JSON."""
     from llmquant.recipe import load_recipe
 
-    _print_json(load_recipe(recipe).dump())
+    preset = _protocol(protocol)
+    overrides = {
+        "calibration.nsamples": preset.get("nsamples"),
+        "calibration.seqlen": preset.get("seqlen"),
+        **_parse_sets(set_ or []),
+    }
+    _print_json(load_recipe(recipe, overrides).dump())
 
 
 def main() -> None:

@@ -143,3 +143,14 @@ def test_unquantized_tensors_keep_the_checkpoints_dtype(tmp_path, text_file):
     out, _ = run_quantize(recipe)
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert handle.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
+
+
+def test_validate_resolves_protocol_and_set_like_quantize():
+    shipped = Path(__file__).resolve().parents[1] / "recipes" / "gptq-w4g128.yaml"
+    done = llmquant("validate", "--recipe", str(shipped), "--protocol", "p1", "--set", "calibration.dataset=wikitext2")
+    assert done.returncode == 0, done.stderr
+    resolved = json.loads(done.stdout)
+    assert resolved["calibration"] == {"dataset": "wikitext2", "nsamples": 32, "seqlen": 512, "seed": 0}
+    bad = llmquant("validate", "--recipe", str(shipped), "--set", "method.bits=99")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == ["error: " + f"{shipped}: method.bits: Input should be less than or equal to 8"]
