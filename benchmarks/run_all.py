@@ -147,8 +147,69 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, k
         "wall_seconds": time.perf_counter() - started,
         "calibration": {k: report["calibration"][k] for k in ("dataset", "source", "nsamples", "seqlen", "seed")},
         "method_summary_keys": sorted(report.get("method_summary", {})),
-        "linear_stats_sample": stats[0] if stats else {},
+        "method_stats": method_stats(report),
     }
+
+
+def method_stats(report: dict) -> dict:
+    """A model-wide view of the per-linear record stats in a quantize report: histograms (e.g. SliM's
+    bits per group) summed; {mean, min, max} summaries and plain numbers averaged with each linear's
+    weight count as its weight (min/max over all linears). Text and lists are left out."""
+    sums: dict[str, dict] = {}
+    for linear in (x for layer in report["layers"] for x in layer["linears"]):
+        size = linear["shape"][0] * linear["shape"][1]
+        for key, value in linear["stats"].items():
+            if isinstance(value, bool) or isinstance(value, (str, list)):
+                continue
+            entry = sums.setdefault(key, {"weight": 0, "sum": 0.0, "min": float("inf"), "max": float("-inf"), "counts": {}})
+            if isinstance(value, dict) and {"mean", "min", "max"} <= set(value):
+                value, low, high = value["mean"], value["min"], value["max"]
+            elif isinstance(value, dict):
+                for bucket, n in value.items():
+                    entry["counts"][bucket] = entry["counts"].get(bucket, 0) + n
+                continue
+            else:
+                low = high = value
+            entry["weight"] += size
+            entry["sum"] += value * size
+            entry["min"], entry["max"] = min(entry["min"], low), max(entry["max"], high)
+    return {
+        key: dict(sorted(e["counts"].items())) if e["counts"] else {"mean": e["sum"] / e["weight"], "min": e["min"], "max": e["max"]}
+        for key, e in sums.items()
+        if e["counts"] or e["weight"]
+    }
+
+
+def refresh_method_stats(rows: list[dict], runs: Path) -> None:
+    """method_stats for rows measured before it existed, from their checkpoints' llmquant.json."""
+    for row in rows:
+        report = runs / row["label"] / "llmquant.json"
+        if "method_stats" not in row and report.is_file():
+            row["method_stats"] = method_stats(json.loads(report.read_text()))
+            row.pop("linear_stats_sample", None)
+
+
+# What docs/results.md shows of method_stats, per method (everything is in results.json).
+DETAILS = {
+    "billm": ("salient_columns_per_block", "break_point"),
+    "pbllm": ("salient_share",),
+    "slim": ("bits_histogram",),
+}
+
+
+def details_line(row: dict) -> str | None:
+    stats = row.get("method_stats") or {}
+    parts = []
+    for key in DETAILS.get(row["method"], ()):
+        value = stats.get(key)
+        if not value:
+            continue
+        if key == "bits_histogram":
+            total = sum(value.values())
+            parts.append("groups at " + ", ".join(f"{b} bit: {n / total:.1%}" for b, n in value.items()))
+        else:
+            parts.append(f"{key.replace('_', ' ')} {value['mean']:.3g} (min {value['min']:.3g}, max {value['max']:.3g})")
+    return f"- `{row['label']}`: " + "; ".join(parts) if parts else None
 
 
 def speed_of(record: dict) -> dict:
@@ -244,6 +305,9 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
         )
     overrides = ", ".join(f"`{r['label']}` = `{' '.join(r['overrides'])}`" for r in rows if r["overrides"])
     lines += ["", "Runs with overrides: " + (overrides or "none"), ""]
+    details = [line for line in map(details_line, rows) if line]
+    if details:
+        lines += ["What the methods chose (over all quantized linears, weighted by their weight count):", "", *details, ""]
     path_md.parent.mkdir(parents=True, exist_ok=True)
     path_md.write_text("\n".join(lines) + "\n" + kept_notes(path_md))
 
@@ -292,6 +356,7 @@ def main() -> None:
     if args.speed_only:
         previous = json.loads(json_path.read_text())
         rows, baseline = previous["runs"], previous["baseline"]
+        refresh_method_stats(rows, runs)
         measure_speed(rows, base, runs, {r["label"] for r in rows if (runs / r["label"] / "model.safetensors").is_file()}, baseline, args.quick)
         write_results(rows, baseline, md, json_path, args.quick)
         print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)

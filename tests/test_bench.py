@@ -247,3 +247,18 @@ def test_results_table_is_regenerated_and_hand_notes_are_kept(tmp_path):
     assert "| 50.00 | +20.00 |" in text and "| 40.00 |" not in text
     assert text.count(run_all.NOTES_MARKER) == 1 and text.endswith("what surprised us\n")
     assert json.loads(js.read_text())["runs"][0]["ppl"] == 50.0
+
+
+def test_method_stats_aggregate_over_linears():
+    run_all = _run_all_module()
+    report = {"layers": [{"linears": [
+        {"shape": [2, 4], "stats": {"bits_histogram": {"1": 1, "2": 2}, "share": 0.5, "cols": {"mean": 2.0, "min": 1, "max": 3}, "mode": "x"}},
+        {"shape": [6, 4], "stats": {"bits_histogram": {"2": 1, "3": 1}, "share": 0.1, "cols": {"mean": 4.0, "min": 4, "max": 4}}},
+    ]}]}
+    stats = run_all.method_stats(report)
+    assert stats["bits_histogram"] == {"1": 1, "2": 3, "3": 1}
+    assert stats["share"] == pytest.approx({"mean": (0.5 * 8 + 0.1 * 24) / 32, "min": 0.1, "max": 0.5})
+    assert stats["cols"] == pytest.approx({"mean": (2.0 * 8 + 4.0 * 24) / 32, "min": 1, "max": 4})
+    assert "mode" not in stats
+    line = run_all.details_line({"label": "s", "method": "slim", "method_stats": stats})
+    assert line == "- `s`: groups at 1 bit: 20.0%, 2 bit: 60.0%, 3 bit: 20.0%"
