@@ -40,7 +40,7 @@ def correlated_problem(seed: int, rows: int, cols: int, tokens: int = 512) -> tu
 def test_config_defaults_and_registry():
     cfg = PBLLMConfig()
     assert (cfg.salient_fraction, cfg.high_bit, cfg.salient_metric, cfg.group_size, cfg.stats_mode) == (
-        0.1, 8, "hessian", -1, "corrected",
+        0.1, 8, "hessian", -1, "reference",
     )
     assert (cfg.percdamp, cfg.blocksize) == (0.01, 128)
     assert get_method_class("pbllm") is PBLLM
