@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -29,6 +31,14 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     )
     for noisy in ("transformers", "datasets", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:
+        # transformers' and the hub's own tqdm bars ("Loading weights ...") ignore logging levels;
+        # the hub reads this variable when it is first imported, transformers can be told later.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 def progress(quiet: bool = False) -> Progress:

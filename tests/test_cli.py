@@ -40,6 +40,7 @@ def test_quantize_then_eval(recipe, tmp_path):
     out = tmp_path / "q"
     done = llmquant("quantize", "--recipe", str(recipe), "--output", str(out), "--quiet", "--json")
     assert done.returncode == 0, done.stderr
+    assert "Loading weights" not in done.stderr  # --quiet silences transformers' own progress bars too
     report = json.loads(done.stdout)
     assert report["bits"]["code"] == 3 and report["parameters"]["quantized"] > 0
     assert len(report["layers"]) == 2 and report["calibration"]["nsamples"] == 4
