@@ -44,6 +44,7 @@ VARIANTS = [
     # GPTQ W4 scores worse than RTN W4 on WikiText-2 after C4 calibration: does in-domain data change that?
     ("gptq-w4g128-wikitext2", "gptq-w4g128", ["calibration.dataset=wikitext2"]),
     ("gptq-w3g128-wikitext2", "gptq-w3g128", ["calibration.dataset=wikitext2"]),  # SliM-LLM's calibration set
+    ("gptq-w2g128-wikitext2", "gptq-w2g128", ["calibration.dataset=wikitext2"]),
     # llmquant's option beyond the paper: GPTQ's column-by-column feedback inside each block.
     ("billm-1bit-gptq-within-block", "billm-1bit", ["method.gptq_within_block=true"]),
 ]
