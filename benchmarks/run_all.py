@@ -10,9 +10,10 @@ later one runs the reference's lm_head only. At the end, one `llmquant bench --b
 measures the baseline and every checkpoint (size, load, memory, prefill/decode tokens/s); see
 docs/bench.md.
 
-Time on the 2-core CPU, roughly: PPL eval ~3 min per model; KL adds ~1 min per recipe (~3 min once,
-for the run that builds the cache); `bench` ~0.5-1 min per model (throwaway load, load, 1 warm-up
-+ 3 repetitions of a 512-token prefill and 128 decode steps). --no-kl / --no-speed drop those parts.
+Time on the 2-core CPU (measured, docs/bench.md): PPL + KL eval 3-4 min per checkpoint (~5 min for
+the first, which builds the KL cache), quantize 1.5-5 min; about 75 min for the 11 recipes, plus the
+`bench` pass (throwaway load, load, 1 warm-up + 3 repetitions of a 512-token prefill and 128 decode
+steps per model). --no-kl / --no-speed drop those parts; --speed-only runs only the bench pass.
 
     python benchmarks/run_all.py                       # all recipes
     python benchmarks/run_all.py --only gptq-w3g128    # a subset (by recipe stem or variant label)
