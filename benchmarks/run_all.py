@@ -103,11 +103,9 @@ def baseline_evaluation(base: Path, runs: Path, quick: bool) -> dict:
     reuses it (RUNS/baseline-eval.json) instead of spending another full P1 pass on the same model."""
     import hashlib
 
-    digest = hashlib.sha256()
     with open(base / "model.safetensors", "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    key = {"model_sha256": digest.hexdigest(), "quick": quick, "data": os.environ.get("LLMQUANT_DATA", "")}
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    key = {"model_sha256": digest, "quick": quick, "data": os.environ.get("LLMQUANT_DATA", "")}
     cache = runs / "baseline-eval.json"
     if cache.is_file():
         stored = json.loads(cache.read_text())
@@ -132,7 +130,6 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, k
         *(["--nsamples", QUICK["nsamples"]] if quick else []),
     )
     evaluation = evaluate(out, base if kl else None, runs / "kl-cache", quick)
-    stats = [s for layer in report["layers"] for linear in layer["linears"] for s in [linear["stats"]]]
     return {
         "label": label,
         "recipe": recipe.name,
@@ -164,7 +161,7 @@ def method_stats(report: dict) -> dict:
     for linear in (x for layer in report["layers"] for x in layer["linears"]):
         size = linear["shape"][0] * linear["shape"][1]
         for key, value in linear["stats"].items():
-            if isinstance(value, bool) or isinstance(value, (str, list)):
+            if isinstance(value, (bool, str, list)):
                 continue
             entry = sums.setdefault(key, {"weight": 0, "sum": 0.0, "min": float("inf"), "max": float("-inf"), "counts": {}})
             if isinstance(value, dict) and {"mean", "min", "max"} <= set(value):
@@ -183,15 +180,6 @@ def method_stats(report: dict) -> dict:
         for key, e in sums.items()
         if e["counts"] or e["weight"]
     }
-
-
-def refresh_method_stats(rows: list[dict], runs: Path) -> None:
-    """method_stats for rows measured before it existed, from their checkpoints' llmquant.json."""
-    for row in rows:
-        report = runs / row["label"] / "llmquant.json"
-        if "method_stats" not in row and report.is_file():
-            row["method_stats"] = method_stats(json.loads(report.read_text()))
-            row.pop("linear_stats_sample", None)
 
 
 # What docs/results.md shows of method_stats, per method (everything is in results.json).
@@ -361,7 +349,6 @@ def main() -> None:
     if args.speed_only:
         previous = json.loads(json_path.read_text())
         rows, baseline = previous["runs"], previous["baseline"]
-        refresh_method_stats(rows, runs)
         measure_speed(rows, base, runs, {r["label"] for r in rows if (runs / r["label"] / "model.safetensors").is_file()}, baseline, args.quick)
         write_results(rows, baseline, md, json_path, args.quick)
         print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)

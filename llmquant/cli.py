@@ -40,6 +40,16 @@ def _protocol(name: Optional[str]) -> dict[str, int]:
     return PROTOCOLS[name.lower()]
 
 
+def _recipe_overrides(protocol: Optional[str], sets: Optional[list[str]], **flags: object) -> dict[str, object]:
+    """What quantize and validate apply to a recipe: the protocol's calibration size, then the flags
+    given (field path -> value; None = not given), then the --set pairs, which win over both.
+    load_recipe ignores None values, so a protocol that sets nothing leaves the recipe as it is."""
+    preset = _protocol(protocol)
+    overrides: dict[str, object] = {"calibration.nsamples": preset.get("nsamples"), "calibration.seqlen": preset.get("seqlen")}
+    overrides.update({path: value for path, value in flags.items() if value is not None})
+    return {**overrides, **_parse_sets(sets or [])}
+
+
 def _parse_sets(items: list[str]) -> dict[str, object]:
     """--set a.b=VALUE pairs; VALUE is read as YAML (so 3, 0.5, true, [0.9, 1.1] keep their types)."""
     import yaml
@@ -101,17 +111,19 @@ def quantize(
 
     if fmt not in ("packed", "fake"):
         raise UserError(f"--format: expected packed or fake, got {fmt!r}")
-    preset = _protocol(protocol)
-    overrides = {
-        "model": model,
-        "output": output,
-        "device": device,
-        "calibration.nsamples": nsamples if nsamples is not None else preset.get("nsamples"),
-        "calibration.seqlen": seqlen if seqlen is not None else preset.get("seqlen"),
-        "calibration.seed": seed,
-        "calibration.dataset": dataset,
-        **_parse_sets(set_ or []),
-    }
+    overrides = _recipe_overrides(
+        protocol,
+        set_,
+        **{
+            "model": model,
+            "output": output,
+            "device": device,
+            "calibration.nsamples": nsamples,
+            "calibration.seqlen": seqlen,
+            "calibration.seed": seed,
+            "calibration.dataset": dataset,
+        },
+    )
     parsed = load_recipe(recipe, overrides)
     with progress(quiet) as bar:
         task = bar.add_task("quantizing layers", total=None)
@@ -408,13 +420,7 @@ def validate(
     anything; prints the resolved recipe as JSON."""
     from llmquant.recipe import load_recipe
 
-    preset = _protocol(protocol)
-    overrides = {
-        "calibration.nsamples": preset.get("nsamples"),
-        "calibration.seqlen": preset.get("seqlen"),
-        **_parse_sets(set_ or []),
-    }
-    _print_json(load_recipe(recipe, overrides).dump())
+    _print_json(load_recipe(recipe, _recipe_overrides(protocol, set_)).dump())
 
 
 def main() -> None:
