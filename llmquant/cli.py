@@ -132,14 +132,19 @@ def quantize(
             bar.update(task, total=layers, completed=done)
 
         def on_layer(report) -> None:
-            worst = max(report.linears, key=lambda r: r.relative_error, default=None)
-            log.info(
-                "layer %d: %.1fs, mean rel. output error %.4f%s",
-                report.index,
-                report.seconds,
-                report.mean_relative_error,
-                f" (worst {worst.name.rsplit('.', 2)[-2]}.{worst.name.rsplit('.', 1)[-1]} {worst.relative_error:.4f})" if worst else "",
-            )
+            measured = [r for r in report.linears if r.relative_error is not None]
+            worst = max(measured, key=lambda r: r.relative_error, default=None)
+            if worst is None:
+                log.info("layer %d: %.1fs", report.index, report.seconds)
+            else:
+                log.info(
+                    "layer %d: %.1fs, mean rel. output error %.4f (worst %s %.4f)",
+                    report.index,
+                    report.seconds,
+                    report.mean_relative_error,
+                    ".".join(worst.name.rsplit(".", 2)[-2:]),
+                    worst.relative_error,
+                )
             bar.advance(task)
 
         out, report = run_quantize(parsed, force, data_dir, fmt, on_layer_done=on_layer, on_start=on_start, resume=resume)
@@ -219,7 +224,10 @@ def evaluate(
     ] = None,
     reference_cache: Annotated[
         Optional[Path],
-        typer.Option(help="--kl: directory caching the reference's output-layer inputs, for repeated comparisons"),
+        typer.Option(
+            help="directory of reference caches: with --kl, read (or build) the reference's; without, store this "
+            "model's, for later --kl runs that use it as --reference"
+        ),
     ] = None,
     quiet: Quiet = False,
 ) -> None:
@@ -234,8 +242,8 @@ def evaluate(
         raise UserError(f"--dtype: expected auto, float16, bfloat16 or float32, got {dtype!r}")
     if kl and reference is None:
         raise UserError("--kl needs --reference (the model to compare against, e.g. the full-precision directory)")
-    if (reference is not None or reference_cache is not None) and not kl:
-        raise UserError("--reference and --reference-cache only apply with --kl")
+    if reference is not None and not kl:
+        raise UserError("--reference only applies with --kl")
     if reference is not None:
         resolve_model_source(reference)  # a wrong path fails before anything loads
     _check_device(device)
@@ -272,12 +280,16 @@ def evaluate(
         line = stream.protocol_line(seqlen, n)
         if not as_json:
             typer.echo(line)
-        ref = None
+        ref = saving = None
         if ref_lm is not None:
             ref = Reference(ref_lm, reference_cache, reference_key(ref_source, stream.ids, seqlen, n, ref_lm, target))
+        elif reference_cache is not None:
+            saving = Reference(lm, reference_cache, reference_key(source, stream.ids, seqlen, n, lm, target))
         with progress(quiet) as bar:
             task = bar.add_task(f"eval {dataset}", total=n)
-            result = perplexity(lm, stream.ids, seqlen, max_windows, target, lambda k, _n: bar.update(task, completed=k), ref)
+            result = perplexity(
+                lm, stream.ids, seqlen, max_windows, target, lambda k, _n: bar.update(task, completed=k), ref, saving
+            )
         entry = {
             "dataset": stream.dataset,
             "split": stream.split,
@@ -303,8 +315,11 @@ def evaluate(
                     "kl_positions": div.positions,
                     "kl_window_means": div.window_kl,
                     "reference_cache": div.reference_cache,
+                    "kl_computed_from": div.computed_from,
                 }
             )
+        if saving is not None:
+            entry["saved_reference_cache"] = str(saving.cache_path) if saving.status == "built" else None
         results.append(entry)
         if not as_json:
             typer.echo(f"{dataset}: ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")

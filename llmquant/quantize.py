@@ -142,8 +142,14 @@ def run_quantize(
     save_dtype = resolve_save_dtype(recipe.save_dtype, source)
     loaded = time.perf_counter()
     cal = recipe.calibration
-    calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)
-    check_calibration_ids(calibration, model)
+    data_free = not get_method_class(recipe.method.name).needs_calibration
+    if data_free:
+        # RTN and sign look at the weights only: no data to load, no forward pass to run.
+        log.info("%s needs no calibration data; the recipe's calibration block is not used", recipe.method.name)
+        calibration = CalibrationSet(torch.zeros(0, 0, dtype=torch.int64), {"dataset": None, "used": False})
+    else:
+        calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)
+        check_calibration_ids(calibration, model)
     calibrated = time.perf_counter()
     fingerprint = make_fingerprint(
         recipe.dump(), model_identity(source.describe(), model), calibration.windows, calibration.sha256
@@ -152,7 +158,7 @@ def run_quantize(
     try:
         resolved = resolve_layers(model, recipe.skip)
         method = get_method_class(recipe.method.name)(recipe.method)
-        resume_point = work.load(model, resolved, method) if resume else None
+        resume_point = work.load(model, resolved, method, data_free) if resume else None
         restored = resume_point.start if resume_point else 0
         if on_start:
             on_start(len(resolved.layers), restored)
@@ -165,7 +171,7 @@ def run_quantize(
             on_layer_done=on_layer_done,
             sink=work.save_layer,
         )
-        records, layers = runner.run(calibration.windows, resume_point)
+        records, layers = runner.run(None if data_free else calibration.windows, resume_point)
         quantized = time.perf_counter()
         summary = method.summary()
         total_params = sum(p.numel() for p in model.parameters())

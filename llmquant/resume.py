@@ -345,13 +345,17 @@ class WorkDir:
 
     # Reading -----------------------------------------------------------------------------------
 
-    def load(self, model: nn.Module, resolved: ResolvedLayers, method: Method) -> ResumePoint | None:
-        """Restores the finished layers into `model` and `method`; None when there are none."""
+    def load(self, model: nn.Module, resolved: ResolvedLayers, method: Method, data_free: bool = False) -> ResumePoint | None:
+        """Restores the finished layers into `model` and `method`; None when there are none. A
+        data-free run (no calibration, so no hidden states) continues after its last finished layer."""
         total = len(resolved.layers)
         done = finished_layers(self.path)
         if done > total:
             raise UserError(f"{self.path}: {done} layer files for a model of {total} layers; pass --force to start over")
-        start = total if done == total else next((s for s in range(done, 0, -1) if (self.path / hidden_file(s)).is_file()), 0)
+        if done == total or data_free:
+            start = done
+        else:
+            start = next((s for s in range(done, 0, -1) if (self.path / hidden_file(s)).is_file()), 0)
         for entry in self.path.iterdir():  # stale files: redone layers, older hidden states, partial writes
             stale_layer = entry.name.startswith("layer-") and entry.name >= layer_file(start)
             stale_hidden = entry.name.startswith("hidden-") and entry.name != hidden_file(start)
@@ -369,7 +373,7 @@ class WorkDir:
             records.update(layer_records)
             reports.append(report)
         inputs = None
-        if start < total:
+        if start < total and not data_free:
             tensors, meta = _read_safetensors(self.path / hidden_file(start))
             if meta.get("layer") != start or set(tensors) != {"hidden"}:
                 raise UserError(f"{self.path / hidden_file(start)}: not the inputs of layer {start}; pass --force to start over")

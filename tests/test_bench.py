@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from conftest import byte_tokenizer, tiny_model
 from llmquant.cli import app
 from llmquant.errors import UserError
-from llmquant.bench import BenchSettings, format_report, run_bench
+from llmquant.bench import BenchSettings, _Slot, format_report, paired_ratios, run_bench
 from llmquant.evaluate import Reference, kl_divergence, perplexity, reference_key
 from llmquant.formats import load_quantized, save_packed
 from llmquant.methods import get_method_class
@@ -62,7 +63,8 @@ def test_bench_report_fields_and_ratios(report, packed_dir, tiny_llama_dir):
         assert record["load_seconds"] > 0
         for phase, tokens in (("prefill", 24), ("decode", 4)):
             timing = record[phase]
-            assert timing["tokens"] == tokens and len(timing["seconds"]["runs"]) == 3
+            repetitions = 4 if record is base else 3  # the baseline also closes the last round
+            assert timing["tokens"] == tokens and len(timing["seconds"]["runs"]) == repetitions
             for summary in (timing["seconds"], timing["tokens_per_second"]):
                 assert summary["min"] <= summary["median"] <= summary["max"]
             assert sorted(timing["tokens_per_second"]["runs"]) == pytest.approx(sorted(tokens / s for s in timing["seconds"]["runs"]))
@@ -84,16 +86,47 @@ def test_bench_report_fields_and_ratios(report, packed_dir, tiny_llama_dir):
     assert ratios["bytes_on_disk"] == model["bytes_on_disk"] / base["bytes_on_disk"] < 1
     assert ratios["parameters"] == 1
     for name, get in (
-        ("decode_tokens_per_second", lambda r: r["decode"]["tokens_per_second"]["median"]),
-        ("prefill_tokens_per_second", lambda r: r["prefill"]["tokens_per_second"]["median"]),
         ("load_seconds", lambda r: r["load_seconds"]),
         ("tensor_bytes", lambda r: r["memory"]["tensor_bytes"]),
     ):
         assert ratios[name] == pytest.approx(get(model) / get(base))
+    # Speed ratios: the median of the per-repetition ratios paired with the baseline at that moment.
+    paired = model["paired_speed_ratios"]
+    assert len(paired["decode"]) == len(paired["prefill"]) == 3 and min(paired["decode"]) > 0
+    assert ratios["decode_tokens_per_second"] == statistics.median(paired["decode"])
+    assert ratios["prefill_tokens_per_second"] == statistics.median(paired["prefill"])
+    assert model["resident_during_rounds"] and base["resident_during_rounds"]
     json.dumps(report)  # serializable as is
 
     text = "\n".join(format_report(report))
     assert "torch-cached" in text and "decode tok/s" in text and packed_dir.name in text
+
+
+def _slot(stamps, prefill, decode, prompt_tokens=10):
+    return _Slot("x", {}, torch.zeros(1, prompt_tokens), torch.zeros(1, 2), 0, None, prefill, decode, stamps)
+
+
+def test_paired_ratios_cancel_drift():
+    # The machine speeds up steadily: the baseline takes 1.0 s, 0.8 s, 0.6 s, 0.4 s at t = 0, 10, 20, 30.
+    # The model, measured between them, is exactly as fast as the baseline at each moment: ratio 1 each
+    # time, although its own median (0.7 s) and the baseline's (0.7 s) come from different moments.
+    baseline = _slot([0, 10, 20, 30], [1.0, 0.8, 0.6, 0.4], [2.0, 1.6, 1.2, 0.8])
+    model = _slot([5, 15, 25], [0.9, 0.7, 0.5], [0.9, 0.7, 0.5])
+    paired = paired_ratios(model, baseline)
+    assert paired["prefill"] == pytest.approx([1.0, 1.0, 1.0])
+    assert paired["decode"] == pytest.approx([2.0, 2.0, 2.0])  # twice as fast as the baseline's decode
+    # Outside the bracket (no closing repetition): the nearest baseline repetition.
+    assert paired_ratios(_slot([40], [0.2], [0.2]), baseline)["prefill"] == pytest.approx([2.0])
+
+
+def test_bench_reloads_models_when_memory_is_short(packed_dir, tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr("llmquant.bench._free_memory", lambda device: 0)
+    settings = BenchSettings(prompt_tokens=16, new_tokens=2, decode_prompt_tokens=4, warmup=1, repeats=2)
+    report = run_bench([str(packed_dir)], str(tiny_llama_dir), settings, "cpu")
+    (model,) = report["models"]
+    assert not model["resident_during_rounds"] and not report["baseline"]["resident_during_rounds"]
+    assert len(model["decode"]["seconds"]["runs"]) == 2 and len(report["baseline"]["decode"]["seconds"]["runs"]) == 3
+    assert model["ratios"]["decode_tokens_per_second"] > 0
 
 
 def test_bench_without_baseline_and_per_forward_backend(packed_dir):
@@ -147,12 +180,47 @@ def test_kl_in_the_ppl_pass(packed_dir, tiny_llama_dir, tmp_path):
     (cache,) = tmp_path.glob("reference-*.safetensors")
     used = perplexity(packed, ids, seqlen=64, reference=Reference(fp, tmp_path, key)).divergence
     assert (built.reference_cache, used.reference_cache) == ("built", "used")
-    assert used.kl == pytest.approx(div.kl, rel=1e-6) and built.kl == div.kl and used.top1 == div.top1
+    # The cached run takes the statistics path (the packed model keeps the fp output layer): the same
+    # numbers up to float32 rounding (about 1e-5 nats per position at most, far less on average).
+    assert (built.computed_from, used.computed_from) == ("logits", "statistics")
+    assert built.kl == div.kl and used.top1 == div.top1
+    assert used.kl == pytest.approx(div.kl, abs=1e-7) and used.kl_max == pytest.approx(div.kl_max, abs=1e-5)
+    assert used.reference_ppl == pytest.approx(div.reference_ppl, rel=1e-6)  # float64 vs float32 NLLs
+    assert max(abs(a - b) for a, b in zip(used.window_kl, div.window_kl)) < 1e-6
     cache.write_bytes(b"not a safetensors file")
     assert perplexity(packed, ids, seqlen=64, reference=Reference(fp, tmp_path, key)).divergence.reference_cache == "built"
     other_key = reference_key(fp_source, ids, 64, 5, fp, "cpu")
     assert perplexity(packed, ids, seqlen=64, max_windows=5, reference=Reference(fp, tmp_path, other_key)).divergence.reference_cache == "built"
     assert len(list(tmp_path.glob("reference-*.safetensors"))) == 2
+
+
+def test_kl_from_cached_statistics_matches_the_full_computation(tiny_llama_dir, tmp_path):
+    """A clearly different model with the reference's output layer takes the statistics path; one whose
+    output layer differs falls back to the cached head inputs; both match the uncached computation."""
+    ids = torch.randint(0, 250, (400,), generator=torch.Generator().manual_seed(3))
+    fp, _, fp_source = load_model(str(tiny_llama_dir), "float32", "cpu")
+    noisy, _, _ = load_model(str(tiny_llama_dir), "float32", "cpu")
+    other_head, _, _ = load_model(str(tiny_llama_dir), "float32", "cpu")
+    g = torch.Generator().manual_seed(4)
+    for name, module in noisy.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            module.weight.data += 2.0 * module.weight.std() * torch.randn(module.weight.shape, generator=g)
+    other_head.get_output_embeddings().weight.data.mul_(1.5)  # tied: the embeddings change too
+    key = reference_key(fp_source, ids, 64, 6, fp, "cpu")
+
+    # Evaluating the reference itself with save_as_reference writes the cache; its PPL is unchanged.
+    saved = perplexity(fp, ids, seqlen=64, save_as_reference=Reference(fp, tmp_path, key))
+    assert saved.ppl == perplexity(fp, ids, seqlen=64).ppl and saved.divergence is None
+    assert len(list(tmp_path.glob("reference-*.safetensors"))) == 1
+
+    for model, path in ((noisy, "statistics"), (other_head, "logits")):
+        full = perplexity(model, ids, seqlen=64, reference=Reference(fp)).divergence
+        cached = perplexity(model, ids, seqlen=64, reference=Reference(fp, tmp_path, key)).divergence
+        assert (cached.reference_cache, cached.computed_from, full.computed_from) == ("used", path, "logits")
+        assert full.kl > 1e-3
+        assert cached.kl == pytest.approx(full.kl, rel=1e-5) and cached.top1 == full.top1
+        assert cached.kl_median == pytest.approx(full.kl_median, rel=1e-4, abs=1e-6)
+        assert cached.reference_ppl == pytest.approx(full.reference_ppl, rel=1e-6)
 
 
 def test_no_reference_cache_when_the_logits_are_post_processed(tmp_path):
@@ -181,6 +249,25 @@ def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path):
     assert result["kl"] > 0 and 0 <= result["top1_agreement"] <= 1 and result["reference"] == str(tiny_llama_dir)
     assert result["kl_positions"] == result["windows"] * 127 and result["reference_ppl"] > 1
 
+    # The reference evaluated on its own stores its cache; a --kl run then uses it (statistics path).
+    cache = tmp_path / "kl-cache"
+    done = invoke(
+        "eval", "--model", str(tiny_llama_dir), "--ppl", str(text), "--seqlen", "128",
+        "--reference-cache", str(cache), "--json", "--quiet",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    (saved,) = json.loads(done.stdout)["results"]
+    assert saved["saved_reference_cache"] and Path(saved["saved_reference_cache"]).parent == cache
+    assert saved["ppl"] == pytest.approx(result["reference_ppl"], rel=1e-6)
+    done = invoke(
+        "eval", "--model", str(packed_dir), "--ppl", str(text), "--seqlen", "128", "--kl",
+        "--reference", str(tiny_llama_dir), "--reference-cache", str(cache), "--json", "--quiet",
+    )  # fmt: skip
+    assert done.exit_code == 0, done.output
+    (used,) = json.loads(done.stdout)["results"]
+    assert (used["reference_cache"], used["kl_computed_from"]) == ("used", "statistics")
+    assert used["kl"] == pytest.approx(result["kl"], abs=1e-7) and used["ppl"] == result["ppl"]
+
     done = invoke(
         "eval", "--model", str(packed_dir), "--ppl", str(text), "--seqlen", "128", "--kl",
         "--reference", str(tiny_llama_dir), "--quiet",
@@ -200,7 +287,7 @@ def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path):
     ("args", "fragment"),
     [
         (["eval", "--model", "{fp}", "--kl"], "--kl needs --reference"),
-        (["eval", "--model", "{fp}", "--reference", "{fp}"], "only apply with --kl"),
+        (["eval", "--model", "{fp}", "--reference", "{fp}"], "only applies with --kl"),
         (["bench", "--model", "./nowhere"], "model directory not found: ./nowhere"),
         (["bench", "--model", "{fp}", "--baseline", "./nowhere"], "model directory not found: ./nowhere"),
         (["bench", "--model", "{fp}", "--repeats", "0"], "--repeats"),

@@ -26,8 +26,10 @@ from llmquant import resume as resume_module
 from llmquant.core.hessian import inverse_cholesky_upper, record_damping
 from llmquant.core.runner import SequentialRunner
 from llmquant.errors import NumericalError, UserError
+from llmquant.formats import load_quantized
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import ResolvedLayers
+from llmquant.models.loading import load_model
 from llmquant.output import atomic_output_dir
 from llmquant.quantize import run_quantize
 from llmquant.recipe import parse_recipe
@@ -49,6 +51,7 @@ def corpus(tmp_path_factory) -> Path:
 
 METHODS = {
     "rtn": {"bits": 3, "group_size": 32},
+    "sign": {"group_size": 32},
     "gptq": {"bits": 2, "group_size": 16},
     "slim": {"bits": 2, "group_size": 16},
     "billm": {"blocksize": 32},
@@ -125,7 +128,10 @@ def test_resume_after_a_crash_is_bit_identical(tiny_llama_dir, corpus, tmp_path,
     work = work_dir_for(out)
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
     assert (work / "layer-0000.safetensors").is_file() and (work / "fingerprint.json").is_file()
-    assert not list(work.glob("hidden-*")) if layer == 1 else (work / "hidden-0001.safetensors").is_file()
+    if layer == 1 or method == "rtn":  # the last layer, or a data-free method: no hidden states to keep
+        assert not list(work.glob("hidden-*"))
+    else:
+        assert (work / "hidden-0001.safetensors").is_file()
 
     monkeypatch.undo()
     progress = []
@@ -135,6 +141,28 @@ def test_resume_after_a_crash_is_bit_identical(tiny_llama_dir, corpus, tmp_path,
     assert progress == [(2, layer + 1)] and report["resumed_layers"] == layer + 1
     assert_same_checkpoint(reference, out)
     assert not work.exists()
+
+
+@pytest.mark.parametrize("method", ["rtn", "sign"])
+def test_data_free_methods_load_no_data_and_run_no_forward(tiny_llama_dir, corpus, tmp_path, monkeypatch, method):
+    """RTN and sign look at the weights only: no calibration data is loaded, the model is never run,
+    and each weight is exactly the method's own quantization of it."""
+    monkeypatch.setattr("llmquant.quantize.load_or_build_calibration", lambda *a: pytest.fail("calibration data loaded"))
+    monkeypatch.setattr("llmquant.core.runner.capture_inputs", lambda *a: pytest.fail("a forward pass ran"))
+    out = tmp_path / "out"
+    _, report = run_quantize(recipe(tiny_llama_dir, corpus, out, method))
+    assert report["calibration"] == {"dataset": None, "used": False, "windows_sha256": report["calibration"]["windows_sha256"]}
+    linears = [r for layer in report["layers"] for r in layer["linears"]]
+    assert linears and all(r["relative_error"] is None and r["tokens"] == -1 for r in linears)
+    assert report["uncalibrated_linears"] == []
+    fp, _, _ = load_model(str(tiny_llama_dir), "float32", "cpu")
+    quantized = load_quantized(out)
+    cls = get_method_class(method)
+    backend = cls(recipe(tiny_llama_dir, corpus, out, method).method)
+    name = "model.layers.1.mlp.down_proj"
+    expected = backend.quantize(name, fp.get_submodule(name).weight.detach().float().clone(), None).dequantized
+    # (up to the float16 rounding of scales and zero points in the packed file)
+    assert (quantized.get_submodule(name).dequantize().float() - expected).abs().max() < 1e-3
 
 
 def test_a_crash_while_writing_the_checkpoint_resumes_without_requantizing(tiny_llama_dir, corpus, tmp_path, monkeypatch):
@@ -159,11 +187,11 @@ def test_a_crash_while_writing_the_checkpoint_resumes_without_requantizing(tiny_
 @pytest.mark.parametrize("killed", ["writing layer 1", "between layer 0 and its hidden states"])
 def test_a_kill_in_the_middle_of_a_checkpoint_is_harmless(tiny_llama_dir, corpus, tmp_path, monkeypatch, killed):
     reference = tmp_path / "reference"
-    run_quantize(recipe(tiny_llama_dir, corpus, reference, "rtn"))
+    run_quantize(recipe(tiny_llama_dir, corpus, reference, "gptq"))
     out = tmp_path / "out"
     crash_after(monkeypatch, 0)
     with pytest.raises(Crash):
-        run_quantize(recipe(tiny_llama_dir, corpus, out, "rtn"))
+        run_quantize(recipe(tiny_llama_dir, corpus, out, "gptq"))
     monkeypatch.undo()
     work = work_dir_for(out)
     if killed == "writing layer 1":  # what a kill during write_safetensors leaves: a temporary name
@@ -172,7 +200,7 @@ def test_a_kill_in_the_middle_of_a_checkpoint_is_harmless(tiny_llama_dir, corpus
     else:  # layer-0000 renamed into place, hidden-0001 not yet: layer 0 must be redone
         (work / "hidden-0001.safetensors").unlink()
         expected = 0
-    _, report = run_quantize(recipe(tiny_llama_dir, corpus, out, "rtn"), resume=True)
+    _, report = run_quantize(recipe(tiny_llama_dir, corpus, out, "gptq"), resume=True)
     assert report["resumed_layers"] == expected
     assert_same_checkpoint(reference, out)
 
@@ -343,7 +371,7 @@ def test_a_hessian_with_inf_stops_naming_the_module_with_exit_3(tmp_path, corpus
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(
         f"model: {model_dir}\ncalibration: {{dataset: {corpus}, nsamples: 2, seqlen: 16}}\n"
-        f"method: {{name: rtn, bits: 4, group_size: 32}}\noutput: {out}\n"
+        f"method: {{name: gptq, bits: 4, group_size: 32}}\noutput: {out}\n"
     )
     done = cli("quantize", "-r", str(recipe_file), "--quiet")
     assert done.returncode == 3, done.stderr

@@ -54,10 +54,10 @@ class LinearReport:
     shape: tuple[int, int]
     seconds: float
     loss: float
-    relative_error: float  # ||WX - QX||^2 / ||WX||^2 on the calibration inputs
+    relative_error: float | None  # ||WX - QX||^2 / ||WX||^2 on the calibration inputs; None without data
     bits: dict[str, float]
     stats: dict[str, Any] = field(default_factory=dict)
-    tokens: int = -1  # calibration tokens the linear saw; 0 = uncalibrated (identity Hessian)
+    tokens: int = -1  # calibration tokens the linear saw; 0 = uncalibrated (identity Hessian); -1 = data-free method
     damping: float | None = None  # percdamp actually used when Cholesky needed more than asked
 
 
@@ -68,8 +68,9 @@ class LayerReport:
     linears: list[LinearReport]
 
     @property
-    def mean_relative_error(self) -> float:
-        return sum(r.relative_error for r in self.linears) / max(len(self.linears), 1)
+    def mean_relative_error(self) -> float | None:
+        errors = [r.relative_error for r in self.linears if r.relative_error is not None]
+        return sum(errors) / len(errors) if errors else None
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -195,13 +196,17 @@ class SequentialRunner:
         self.sink = sink
 
     def run(
-        self, windows: torch.Tensor, resume: ResumePoint | None = None
+        self, windows: torch.Tensor | None, resume: ResumePoint | None = None
     ) -> tuple[dict[str, QuantizedRecord], list[LayerReport]]:
+        """`windows` None: the method needs no data (Method.needs_calibration False); no forward runs."""
         layers = self.resolved.layers
         start = resume.start if resume else 0
         records: dict[str, QuantizedRecord] = dict(resume.records) if resume else {}
         reports: list[LayerReport] = list(resume.reports) if resume else []
         if start >= len(layers):
+            return records, reports
+        if windows is None:
+            self._run_data_free(start, records, reports)
             return records, reports
         captured = capture_inputs(self.model, layers, windows)
         inputs = captured.hidden.to(self.device)
@@ -240,6 +245,43 @@ class SequentialRunner:
         return records, reports
 
     @torch.no_grad()
+    def _run_data_free(self, start: int, records: dict[str, QuantizedRecord], reports: list[LayerReport]) -> None:
+        """Every selected linear through the method with hessian=None, layer by layer (so progress,
+        checkpointing and resuming work as for calibrated methods)."""
+        layers = self.resolved.layers
+        for index in range(start, len(layers)):
+            begin = time.perf_counter()
+            prefix = f"{self.resolved.path}.{index}."
+            layer_records: dict[str, QuantizedRecord] = {}
+            linear_reports = []
+            for name in (n for group in self.resolved.groups[index] for n in group):
+                module = layers[index].get_submodule(name)
+                t0 = time.perf_counter()
+                weight = module.weight.detach().to(self.device, torch.float32, copy=True)
+                record = self.method.quantize(prefix + name, weight, None)
+                if not bool(torch.isfinite(record.dequantized).all()):
+                    raise NumericalError(
+                        f"{prefix + name}: the quantized weight contains NaN/Inf (a weight or scale out of float16 range?)"
+                    )
+                module.weight.data.copy_(record.dequantized.to(module.weight.device, module.weight.dtype))
+                record.tensors = {k: v.cpu() for k, v in record.tensors.items()}
+                record.dequantized = module.weight.data
+                layer_records[prefix + name] = record
+                linear_reports.append(
+                    LinearReport(
+                        prefix + name, tuple(weight.shape), time.perf_counter() - t0, record.loss, None,
+                        record.bits.as_dict(), record.stats,
+                    )
+                )  # fmt: skip
+            records.update(layer_records)
+            report = LayerReport(index, time.perf_counter() - begin, linear_reports)
+            reports.append(report)
+            if self.sink:
+                self.sink(report, layer_records, None)
+            if self.on_layer_done:
+                self.on_layer_done(report)
+
+    @torch.no_grad()
     def _forward(self, layer: nn.Module, inputs: torch.Tensor, kwargs: dict, returns_tuple: bool) -> torch.Tensor:
         outputs = torch.empty_like(inputs)
         for s in range(inputs.shape[0]):
@@ -257,13 +299,13 @@ class SequentialRunner:
 
         # Pass 1: Hessians, one per group of linears that read the same input.
         accumulators = {}
-        hooks = []
+        captures = []
         for group in groups:
             first = modules[group[0]]
             acc = HessianAccumulator(first.in_features, self.device, self.hessian_dtype)
             accumulators[tuple(group)] = acc
-            hooks.append((first, lambda m, inp, out, acc=acc: acc.add_batch(inp[0])))
-        _run_with_hooks(layer, inputs, kwargs, hooks)
+            captures.append((first, acc.add_batch))
+        _capture_inputs(layer, inputs, kwargs, captures)
         hessians = {n: accumulators[tuple(g)].finalize(prefix + n) for g in groups for n in g}
         tokens = {n: accumulators[tuple(g)].tokens for g in groups for n in g}
         for group in groups:
@@ -336,6 +378,45 @@ def _feed(observer: Observer) -> Callable:
         observer.update(x, out.reshape(-1, out.shape[-1]).float())
 
     return hook
+
+
+@torch.no_grad()
+def _capture_inputs(
+    layer: nn.Module, inputs: torch.Tensor, kwargs: dict, captures: list[tuple[nn.Module, Callable[[torch.Tensor], None]]]
+) -> None:
+    """Hands each module's input to its function, for every calibration sequence.
+
+    Nothing after the last captured input is needed, so once every module has been seen the rest
+    of the layer is skipped (in a LLaMA layer: the down_proj product and the residual add, a quarter
+    of the layer's weights). That only holds if each module runs once per forward: the first
+    sequence runs in full and counts the calls; a module called more or less often (shared
+    weights, an expert no token reached) keeps every later sequence running in full too."""
+    calls = {id(module): 0 for module, _ in captures}
+    stop_early = [False]
+
+    def hook_for(fn: Callable[[torch.Tensor], None]) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs_: dict) -> None:
+            fn(args[0] if args else kwargs_["input"])
+            calls[id(module)] += 1
+            if stop_early[0] and all(count == 1 for count in calls.values()):
+                raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(hook_for(fn), with_kwargs=True) for module, fn in captures]
+    try:
+        for s in range(inputs.shape[0]):
+            for key in calls:
+                calls[key] = 0
+            try:
+                layer(inputs[s : s + 1], **kwargs)
+            except _StopForward:
+                pass
+            if s == 0:
+                stop_early[0] = all(count == 1 for count in calls.values())
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ exactly the recipe's `method:` block. The runner calls, per linear layer:
 
 weight: float32 (rows x cols) on the compute device, a private copy the backend may modify.
 hessian: float32/float64 H = 2/N sum x x^T (cols x cols), raw (not damped, dead columns not fixed),
-         a private copy. Methods that do not need it (RTN) ignore it; the runner always has it because
-         the report's method-independent error ||WX - QX||^2 / ||WX||^2 is computed from it.
+         a private copy; None for a method that declares `needs_calibration = False` (RTN, sign):
+         such a method runs without data, and the report then has no output-error figure.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ class Method:
     Config: ClassVar[type[MethodConfig]]
     # Layouts this method's records may use (documentation and `llmquant methods`).
     layouts: ClassVar[tuple[str, ...]] = ()
+    # False: the method only looks at the weights. quantize() then gets hessian=None, and no
+    # calibration data is loaded and no forward pass runs (the recipe's calibration block is unused).
+    needs_calibration: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -62,7 +65,7 @@ class Method:
         self,
         name: str,
         weight: torch.Tensor,
-        hessian: torch.Tensor,
+        hessian: torch.Tensor | None,
         observer: Observer | None = None,
     ) -> QuantizedRecord:
         raise NotImplementedError

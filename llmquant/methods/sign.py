@@ -38,6 +38,7 @@ class Sign(Method):
     name = "sign"
     Config = SignConfig
     layouts = ("mixed",)
+    needs_calibration = False
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
         cfg: SignConfig = self.config  # type: ignore[assignment]
