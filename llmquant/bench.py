@@ -17,8 +17,9 @@ same device:
 - warm-up: `warmup` unmeasured repetitions (the full prefill and at most WARMUP_DECODE_STEPS decode
   steps: every step runs the same code).
 
-Phase 2, the timing, in `repeats` rounds: each round times one repetition of the baseline and then of
-every model; a closing baseline repetition ends the last round. Per model the median, min and max
+Phase 2, the timing, in `repeats` rounds (after one unmeasured baseline repetition, when there is a
+warm-up: a GPU lowers its clocks while phase 1 loads models): each round times one repetition of
+the baseline and then of every model; a closing baseline repetition ends the last round. Per model the median, min and max
 over its repetitions are reported. The speed ratios do not divide two medians taken minutes apart:
 each repetition of a model is divided by the baseline's speed at that moment, interpolated between
 the baseline repetitions that bracket it, and the median of those paired ratios is reported. On a
@@ -444,6 +445,15 @@ def time_once(slot: _Slot, settings: BenchSettings, device: torch.device) -> Non
         release_memory()
 
 
+def _rewarm(slot: _Slot, settings: BenchSettings, device: torch.device) -> None:
+    model = slot.model if slot.model is not None else _load(slot.spec, settings, device)[0]
+    time_prefill(model, slot.prompt, device)
+    time_decode(model, slot.decode_prompt, settings.new_tokens, device, slot.pad)
+    del model
+    if slot.model is None:
+        release_memory()
+
+
 def finish_record(slot: _Slot, settings: BenchSettings) -> dict[str, Any]:
     record = slot.record
     tokens = slot.prompt.shape[1]
@@ -548,6 +558,12 @@ def run_bench(
             release_memory()
         slot.record["resident_during_rounds"] = slot.model is not None
         slots.append(slot)
+    if baseline and settings.warmup:
+        # Phase 1 left the device idle while models loaded: a GPU drops its clocks meanwhile (on an
+        # H100 here, the first timed repetition after loading ran at a third of the speed). One
+        # unmeasured baseline repetition brings it back before the first bracketing measurement.
+        step("re-warming the device with the baseline")
+        _rewarm(slots[0], settings, target)
     for round_index in range(settings.repeats):
         for slot in slots:
             step(f"round {round_index + 1}/{settings.repeats}: {slot.record['name']}")

@@ -235,7 +235,7 @@ def evaluate(
     KL divergence from a reference model and top-1 agreement over the same windows."""
     from llmquant.data.streams import build_eval_stream
     from llmquant.evaluate import Reference, perplexity, reference_key, window_count
-    from llmquant.models.loading import load_model, resolve_device, resolve_model_source
+    from llmquant.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_source
     from llmquant.ui import progress
 
     if dtype not in ("auto", "float16", "bfloat16", "float32"):
@@ -258,19 +258,30 @@ def evaluate(
     target = resolve_device(device)
     lm, tokenizer, source = load_model(model, dtype, device)
     lm.to(target)
-    ref_lm = ref_source = None
-    if reference is not None:
-        # Both models stay resident: memory is the sum of the two (small models on a CPU are fine).
-        ref_lm, ref_tokenizer, ref_source = load_model(reference, dtype, device)
-        ref_lm.to(target)
-        if ref_tokenizer.get_vocab() != tokenizer.get_vocab() or _logits_width(ref_lm) != _logits_width(lm):
-            raise UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
     if not packed_forward:
         from llmquant.runtime.qlinear import set_backend
 
-        for module in (lm, ref_lm):
-            if module is not None:
-                set_backend(module, "torch-cached")  # identical numbers; decode each packed weight once
+        set_backend(lm, "torch-cached")  # identical numbers; decode each packed weight once
+    ref_source = ref_loader = ref_dtype = None
+    if reference is not None:
+        ref_source = resolve_model_source(reference)
+        if load_tokenizer(reference).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
+        ref_dtype = _load_dtype(dtype, target, ref_source)
+
+        loaded: list = []
+
+        def ref_loader():
+            # Called only when the reference cache cannot answer alone (both models are then
+            # resident), at most once for all datasets.
+            if not loaded:
+                ref_lm = load_model(reference, dtype, device)[0].to(target)
+                if _logits_width(ref_lm) != _logits_width(lm):
+                    raise UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
+                if not packed_forward:
+                    set_backend(ref_lm, "torch-cached")
+                loaded.append(ref_lm)
+            return loaded[0]
     results = []
     for dataset in ppl:
         stream = build_eval_stream(dataset, tokenizer, seqlen, data_dir)
@@ -281,10 +292,11 @@ def evaluate(
         if not as_json:
             typer.echo(line)
         ref = saving = None
-        if ref_lm is not None:
-            ref = Reference(ref_lm, reference_cache, reference_key(ref_source, stream.ids, seqlen, n, ref_lm, target))
+        if ref_loader is not None:
+            ref = Reference(ref_loader, reference_cache, reference_key(ref_source, stream.ids, seqlen, n, ref_dtype, target))
         elif reference_cache is not None:
-            saving = Reference(lm, reference_cache, reference_key(source, stream.ids, seqlen, n, lm, target))
+            own_dtype = _load_dtype(dtype, target, source)  # keyed as a later --reference run will key it
+            saving = Reference(lm, reference_cache, reference_key(source, stream.ids, seqlen, n, own_dtype, target))
         with progress(quiet) as bar:
             task = bar.add_task(f"eval {dataset}", total=n)
             result = perplexity(
@@ -330,6 +342,16 @@ def evaluate(
                 )
     if as_json:
         _print_json({"model": source.describe(), "results": results})
+
+
+def _load_dtype(name: str, device, source) -> str:
+    """The dtype load_model will give this model (what a reference cache is keyed on), without loading it."""
+    from llmquant.models.loading import checkpoint_dtype, resolve_dtype
+
+    resolved = resolve_dtype(name, device)
+    if resolved == "auto":  # a GPU: the checkpoint's own dtype, as transformers resolves it
+        resolved = checkpoint_dtype(source) or "auto"
+    return str(resolved)
 
 
 def _logits_width(model) -> int | None:

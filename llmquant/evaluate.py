@@ -145,17 +145,20 @@ def window_statistics(logits: torch.Tensor, targets: torch.Tensor, head: nn.Modu
 
     The distribution is taken in float64: sum_v p z_v is a difference of terms near |z| (tens of
     nats), and a float32 softmax's mass is off by ~1e-5, which would shift every KL by ~1e-4.
-    The moments' matrix product runs in float32 on the float64 probabilities rounded to float32."""
-    logp = F.log_softmax(logits.double(), dim=-1)
-    p = logp.exp()
+    With lse = logsumexp(z): p = exp(z - lse), sum p log p = sum p z - lse, NLL = lse - z_target.
+    The moments' matrix product runs in float32 on the probabilities rounded to float32."""
+    z = logits.double()
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.exp(z - lse.unsqueeze(-1))
+    # A token the reference rules out (z = -inf, p = 0) contributes 0, not 0 * -inf.
+    expected_logit = torch.where(p > 0, p * z, torch.zeros((), dtype=p.dtype, device=p.device)).sum(dim=-1)
     bias = getattr(head, "bias", None)
-    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=p.dtype, device=p.device))
     return WindowStatistics(
         moments=(p.float() @ head.weight.float()).cpu(),
         bias_terms=(p @ bias.double()).cpu() if bias is not None else torch.zeros(p.shape[0], dtype=torch.float64),
-        neg_entropy=plogp.sum(dim=-1).cpu(),
+        neg_entropy=(expected_logit - lse).cpu(),
         argmax=logits.argmax(dim=-1).cpu(),
-        nll=F.nll_loss(logp, targets, reduction="mean").cpu(),
+        nll=(lse - z.gather(1, targets.unsqueeze(1)).squeeze(1)).mean().cpu(),
     )
 
 
@@ -195,33 +198,54 @@ class Reference:
 
     Building: a run without a usable cache records the statistics and head inputs of every window
     and writes the cache at the end (`finish`); `record` adds one window, from the reference's own
-    forward (`logits`) or, when the reference is the evaluated model itself, from that forward."""
+    forward (`logits`) or, when the reference is the evaluated model itself, from that forward.
 
-    def __init__(self, model: nn.Module, cache_dir: str | Path | None = None, key: dict[str, Any] | None = None):
-        self.model = model
+    `model` may be a function that loads the reference: it is then called only when the cache cannot
+    answer alone (no cache yet, or an evaluated model with another output layer), so a `--kl` run on
+    the statistics path never loads the reference at all."""
+
+    def __init__(
+        self,
+        model: nn.Module | Callable[[], nn.Module],
+        cache_dir: str | Path | None = None,
+        key: dict[str, Any] | None = None,
+    ):
+        self._model = model if isinstance(model, nn.Module) else None
+        self._load = None if isinstance(model, nn.Module) else model
         self.cache_path: Path | None = None
         self.key_json = json.dumps({**(key or {}), "cache_version": CACHE_VERSION}, sort_keys=True)
         if cache_dir is not None:
             digest = hashlib.sha256(self.key_json.encode()).hexdigest()[:20]
             self.cache_path = Path(cache_dir) / f"reference-{digest}.safetensors"
-        self.head = model.get_output_embeddings()
         self.cached: dict[str, torch.Tensor] | None = None  # head_inputs [windows, seqlen, hidden] and STATISTICS
         self.fingerprint: str | None = None
         self.building: dict[str, list[torch.Tensor]] | None = None
         self.status: str | None = None
 
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            assert self._load is not None
+            self._model = self._load()
+        return self._model
+
+    @property
+    def head(self) -> nn.Module | None:
+        return self.model.get_output_embeddings()
+
     def begin(self, windows: int, seqlen: int) -> None:
         if self.cache_path is None:
-            return
-        if self.head is None or getattr(self.head, "weight", None) is None:
-            log.warning("the reference has no output layer to cache the inputs of; running it in full")
             return
         self.cached = self._read(windows, seqlen)
         if self.cached is not None:
             self.status = "used"
-        else:
-            self.building = {name: [] for name in (CACHE_TENSOR, *STATISTICS)}
-            self.fingerprint = head_fingerprint(self.head)
+            return
+        head = self.head
+        if head is None or getattr(head, "weight", None) is None:
+            log.warning("the reference has no output layer to cache the inputs of; running it in full")
+            return
+        self.building = {name: [] for name in (CACHE_TENSOR, *STATISTICS)}
+        self.fingerprint = head_fingerprint(head)
 
     def _read(self, windows: int, seqlen: int) -> dict[str, torch.Tensor] | None:
         assert self.cache_path is not None
@@ -300,7 +324,9 @@ class Reference:
         self.building = None
 
 
-def reference_key(source, ids: torch.Tensor, seqlen: int, windows: int, model: nn.Module, device: torch.device | str) -> dict[str, Any]:
+def reference_key(
+    source, ids: torch.Tensor, seqlen: int, windows: int, model: nn.Module | torch.dtype | str, device: torch.device | str
+) -> dict[str, Any]:
     """What a reference cache depends on: the reference's files (path, size, modification time of its
     weights and JSON files; `source` is a models.loading.ModelSource), the exact tokens, the windows,
     and the dtype and device type it computes in."""
@@ -322,7 +348,7 @@ def reference_key(source, ids: torch.Tensor, seqlen: int, windows: int, model: n
         "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
         "seqlen": seqlen,
         "windows": windows,
-        "dtype": str(getattr(model, "dtype", "")),
+        "dtype": str(model.dtype if isinstance(model, nn.Module) else model),  # a model, or the dtype it loads in
         "device": torch.device(device).type,
     }
 

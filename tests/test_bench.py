@@ -237,7 +237,7 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
 
 
-def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path):
+def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path, monkeypatch):
     text = tmp_path / "eval.txt"
     text.write_text(" ".join(f"The number {i} is followed by {i + 1}." for i in range(60)))
     done = invoke(
@@ -259,11 +259,18 @@ def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path):
     (saved,) = json.loads(done.stdout)["results"]
     assert saved["saved_reference_cache"] and Path(saved["saved_reference_cache"]).parent == cache
     assert saved["ppl"] == pytest.approx(result["reference_ppl"], rel=1e-6)
+    import llmquant.models.loading as loading
+
+    loaded_models = []
+    real_load_model = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda spec, *a, **k: loaded_models.append(spec) or real_load_model(spec, *a, **k))
     done = invoke(
         "eval", "--model", str(packed_dir), "--ppl", str(text), "--seqlen", "128", "--kl",
         "--reference", str(tiny_llama_dir), "--reference-cache", str(cache), "--json", "--quiet",
     )  # fmt: skip
     assert done.exit_code == 0, done.output
+    assert loaded_models == [str(packed_dir)]  # the statistics answer alone: the reference is never loaded
+    monkeypatch.undo()
     (used,) = json.loads(done.stdout)["results"]
     assert (used["reference_cache"], used["kl_computed_from"]) == ("used", "statistics")
     assert used["kl"] == pytest.approx(result["kl"], abs=1e-7) and used["ppl"] == result["ppl"]

@@ -132,3 +132,15 @@ def test_damping_escalates_for_indefinite_hessian(caplog):
     upper, damp = inverse_cholesky_upper(H, percdamp=0.01, name="lin")
     assert damp > 0.01 and torch.isfinite(upper).all()
     assert "damping" in caplog.text
+
+
+@pytest.mark.parametrize(("shape", "group_size"), [((64, 300), 128), ((300,), 7), ((5, 96), 96), ((3, 4, 40), 16)])
+def test_group_sums_make_index_adds_additions_in_its_order(shape, group_size):
+    """core.groups replaces index_add_ (atomics on CUDA): on a CPU the result must be bit-identical."""
+    from llmquant.core.groups import group_sums
+
+    values = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    cols = shape[-1]
+    index = torch.arange(cols) // group_size
+    expected = torch.zeros(*shape[:-1], -(-cols // group_size)).index_add_(len(shape) - 1, index, values)
+    assert torch.equal(group_sums(values, group_size), expected)

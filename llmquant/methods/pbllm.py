@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from llmquant.core.bits.partial_binary import partial_binary_bits
 from llmquant.core.gptq import ColumnQuantizer, CurrentColumns, gptq_loop
+from llmquant.core.groups import group_sums
 from llmquant.core.hessian import prepare_factor
 from llmquant.core.layouts import decode
 from llmquant.core.record import QuantizedRecord
@@ -103,12 +104,10 @@ def fit_binary_params(
     corrected: mu = mean and alpha = mean |w - mu| over the binarized entries only (the paper's l1 mean).
     A (row, group) with no binarized entry gets alpha = mu = 0.
     """
-    rows, cols = weight.shape
-    group_of = torch.arange(cols, device=weight.device) // group_size
-    groups = -(-cols // group_size)
+    group_of = torch.arange(weight.shape[1], device=weight.device) // group_size
 
     def per_group_sum(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(rows, groups, dtype=values.dtype, device=values.device).index_add_(1, group_of, values)
+        return group_sums(values, group_size)  # deterministic on CUDA too (core/groups.py)
 
     binarized = (~salient).to(weight.dtype)
     kept = weight * binarized

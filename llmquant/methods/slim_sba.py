@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from llmquant.core.groups import group_sums
 from llmquant.core.uniform import fake_quantize, minmax_params
 from llmquant.methods.base import Observer
 from llmquant.methods.slim_sqc import binary_codes, binary_dequantize, binary_params
@@ -31,11 +32,7 @@ KL_CHUNK_ELEMENTS = 1 << 26
 def group_salience(weight: torch.Tensor, u_diag: torch.Tensor, group_size: int) -> torch.Tensor:
     """S_t per group (the partial last group included): sum of w_ij^2 / U_jj^2 over its entries."""
     column_salience = (weight.square() / u_diag.square().unsqueeze(0)).sum(dim=0)
-    group_of_column = torch.arange(weight.shape[1], device=weight.device) // group_size
-    groups = -(-weight.shape[1] // group_size)
-    return torch.zeros(groups, device=weight.device, dtype=column_salience.dtype).index_add_(
-        0, group_of_column, column_salience
-    )
+    return group_sums(column_salience, group_size)  # deterministic on CUDA too (core/groups.py)
 
 
 def rank_full_groups(salience: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
