@@ -392,10 +392,10 @@ def prepare(spec: str, settings: BenchSettings, device: torch.device, on_step: C
         raise UserError(f"{source.describe()}: the benchmark needs {longest} positions, the model has {limit}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad = pad if pad is not None else 0
+    slot = _Slot(spec, {}, prompt, decode_prompt, pad, model, [], [], [])
     for run in range(settings.warmup):
         on_step(f"{Path(source.describe()).name}: warm-up {run + 1}/{settings.warmup}")
-        time_prefill(model, prompt, device)
-        time_decode(model, decode_prompt, min(settings.new_tokens, WARMUP_DECODE_STEPS), device, pad)
+        _warm_up(slot, model, WARMUP_DECODE_STEPS, settings, device)
 
     peak = peak_rss() if scoped else None
     memory = {
@@ -426,16 +426,28 @@ def prepare(spec: str, settings: BenchSettings, device: torch.device, on_step: C
         "load_seconds": load_seconds,
         "memory": memory,
     }
-    return _Slot(spec, record, prompt, decode_prompt, pad, model, [], [], [])
+    slot.record = record
+    return slot
+
+
+def _warm_up(slot: _Slot, model: nn.Module, decode_steps: int, settings: BenchSettings, device: torch.device) -> None:
+    """An unmeasured repetition: the full prefill and at most `decode_steps` decode steps."""
+    time_prefill(model, slot.prompt, device)
+    time_decode(model, slot.decode_prompt, min(settings.new_tokens, decode_steps), device, slot.pad)
+
+
+def _model_of(slot: _Slot, settings: BenchSettings, device: torch.device) -> nn.Module:
+    """The slot's resident model, or a fresh load of it, warmed up unmeasured (first-use costs)."""
+    if slot.model is not None:
+        return slot.model
+    model = _load(slot.spec, settings, device)[0]
+    _warm_up(slot, model, WARMUP_DECODE_STEPS, settings, device)
+    return model
 
 
 def time_once(slot: _Slot, settings: BenchSettings, device: torch.device) -> None:
     """One measured repetition (prefill, then decode) of a slot, reloading its model if it was freed."""
-    model = slot.model
-    if model is None:
-        model = _load(slot.spec, settings, device)[0]
-        time_prefill(model, slot.prompt, device)  # a reloaded model pays its first-use costs unmeasured
-        time_decode(model, slot.decode_prompt, min(settings.new_tokens, WARMUP_DECODE_STEPS), device, slot.pad)
+    model = _model_of(slot, settings, device)
     start = time.perf_counter()
     slot.prefill.append(time_prefill(model, slot.prompt, device))
     slot.decode.append(time_decode(model, slot.decode_prompt, settings.new_tokens, device, slot.pad))
@@ -446,11 +458,11 @@ def time_once(slot: _Slot, settings: BenchSettings, device: torch.device) -> Non
 
 
 def _rewarm(slot: _Slot, settings: BenchSettings, device: torch.device) -> None:
-    model = slot.model if slot.model is not None else _load(slot.spec, settings, device)[0]
-    time_prefill(model, slot.prompt, device)
-    time_decode(model, slot.decode_prompt, settings.new_tokens, device, slot.pad)
-    del model
+    """One unmeasured full-length repetition (before the rounds: brings a GPU's clocks back up)."""
+    model = _model_of(slot, settings, device)
+    _warm_up(slot, model, settings.new_tokens, settings, device)
     if slot.model is None:
+        del model
         release_memory()
 
 
@@ -476,7 +488,7 @@ def paired_ratios(slot: _Slot, baseline: _Slot) -> dict[str, list[float]]:
     interpolated between the baseline repetitions that bracket it (the baseline opens every round
     and closes the last), so that a machine getting faster or slower during the run cancels out."""
     out: dict[str, list[float]] = {"prefill": [], "decode": []}
-    for kind, tokens in (("prefill", slot.prompt.shape[1]), ("decode", None)):
+    for kind in ("prefill", "decode"):
         mine, theirs = getattr(slot, kind), getattr(baseline, kind)
         for stamp, seconds in zip(slot.stamps, mine):
             after = next((i for i, t in enumerate(baseline.stamps) if t >= stamp), len(baseline.stamps) - 1)

@@ -265,8 +265,9 @@ def evaluate(
     ref_source = ref_loader = ref_dtype = None
     if reference is not None:
         ref_source = resolve_model_source(reference)
+        other_vocabulary = UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
         if load_tokenizer(reference).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
+            raise other_vocabulary
         ref_dtype = _load_dtype(dtype, target, ref_source)
 
         loaded: list = []
@@ -277,7 +278,7 @@ def evaluate(
             if not loaded:
                 ref_lm = load_model(reference, dtype, device)[0].to(target)
                 if _logits_width(ref_lm) != _logits_width(lm):
-                    raise UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
+                    raise other_vocabulary
                 if not packed_forward:
                     set_backend(ref_lm, "torch-cached")
                 loaded.append(ref_lm)

@@ -77,7 +77,7 @@ class DivergenceResult:
     reference_ppl: float  # the reference model's PPL on the same windows
     window_kl: list[float]  # mean KL of each window
     reference_cache: str | None = None  # None, "built" or "used"
-    computed_from: str = "logits"  # "logits" (both log-softmaxes) or "statistics" (the cached reference's)
+    computed_from: str = "logits"  # "logits" (both log-softmaxes), "statistics" (the cached reference's) or "mixed"
 
 
 @dataclass

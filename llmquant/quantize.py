@@ -142,7 +142,8 @@ def run_quantize(
     save_dtype = resolve_save_dtype(recipe.save_dtype, source)
     loaded = time.perf_counter()
     cal = recipe.calibration
-    data_free = not get_method_class(recipe.method.name).needs_calibration
+    method_class = get_method_class(recipe.method.name)
+    data_free = not method_class.needs_calibration
     if data_free:
         # RTN and sign look at the weights only: no data to load, no forward pass to run.
         log.info("%s needs no calibration data; the recipe's calibration block is not used", recipe.method.name)
@@ -157,7 +158,7 @@ def run_quantize(
     work = WorkDir.open(recipe.output, fingerprint, environment(device, model.dtype), resume, force)
     try:
         resolved = resolve_layers(model, recipe.skip)
-        method = get_method_class(recipe.method.name)(recipe.method)
+        method = method_class(recipe.method)
         resume_point = work.load(model, resolved, method, data_free) if resume else None
         restored = resume_point.start if resume_point else 0
         if on_start:

@@ -259,13 +259,7 @@ class SequentialRunner:
                 t0 = time.perf_counter()
                 weight = module.weight.detach().to(self.device, torch.float32, copy=True)
                 record = self.method.quantize(prefix + name, weight, None)
-                if not bool(torch.isfinite(record.dequantized).all()):
-                    raise NumericalError(
-                        f"{prefix + name}: the quantized weight contains NaN/Inf (a weight or scale out of float16 range?)"
-                    )
-                module.weight.data.copy_(record.dequantized.to(module.weight.device, module.weight.dtype))
-                record.tensors = {k: v.cpu() for k, v in record.tensors.items()}
-                record.dequantized = module.weight.data
+                _install(prefix + name, module, record)
                 layer_records[prefix + name] = record
                 linear_reports.append(
                     LinearReport(
@@ -343,16 +337,9 @@ class SequentialRunner:
             with record_damping() as seen:
                 record = self.method.quantize(prefix + name, weight.clone(), hessian.clone(), observers.get(name))
             damping[name] += seen
-            if not bool(torch.isfinite(record.dequantized).all()):
-                raise NumericalError(
-                    f"{prefix + name}: the quantized weight contains NaN/Inf (a weight or scale out of float16 range?)"
-                )
-            module.weight.data.copy_(record.dequantized.to(module.weight.dtype))
-            relative = relative_output_error(weight, record.dequantized, hessian)
+            computed = _install(prefix + name, module, record)
+            relative = relative_output_error(weight, computed, hessian)
             seconds = time.perf_counter() - t0
-            # Keep the records on the CPU; the model's weight already holds the dequantized values.
-            record.tensors = {k: v.cpu() for k, v in record.tensors.items()}
-            record.dequantized = module.weight.data
             records[prefix + name] = record
             reports.append(
                 LinearReport(
@@ -368,6 +355,19 @@ class SequentialRunner:
                 )
             )
         return reports
+
+
+def _install(name: str, module: nn.Module, record: QuantizedRecord) -> torch.Tensor:
+    """Puts a record's weight into the model: checks it is finite, copies it into the linear, and
+    keeps the record's tensors on the CPU with the model's weight as its dequantized values.
+    Returns the method's own dequantized weight (float32, for the output-error figure)."""
+    if not bool(torch.isfinite(record.dequantized).all()):
+        raise NumericalError(f"{name}: the quantized weight contains NaN/Inf (a weight or scale out of float16 range?)")
+    computed = record.dequantized
+    module.weight.data.copy_(computed.to(module.weight.device, module.weight.dtype))
+    record.tensors = {k: v.cpu() for k, v in record.tensors.items()}
+    record.dequantized = module.weight.data
+    return computed
 
 
 def _feed(observer: Observer) -> Callable:
