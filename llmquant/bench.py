@@ -41,14 +41,9 @@ dequantized model at the memory of an unpacked one); `backend="torch"` decodes o
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import logging
-import platform
-import resource
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -61,6 +56,16 @@ import torch
 from torch import nn
 
 from llmquant.errors import UserError
+from llmquant.formats.checkpoint import CONFIG_FILE, REPORT_FILE, is_packed_checkpoint
+from llmquant.provenance import (
+    current_rss,
+    device_name,
+    peak_rss,
+    process_peak_rss,
+    release_memory,
+    reset_peak_rss,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,51 +106,6 @@ class BenchSettings:
 # Memory
 
 
-def current_rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return peak_rss() is not None
-    except OSError:
-        return False
-
-
-def peak_rss() -> int | None:
-    """VmHWM of /proc/self/status in bytes (the peak RSS since the process started or the last reset)."""
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def process_peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def release_memory() -> None:
-    """Free what earlier models left behind and hand glibc's free heap back to the system, so that the
-    next model's RSS figures start from a clean floor."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-
-
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (each storage once: tied weights count once)."""
     seen, total = set(), 0
@@ -183,25 +143,16 @@ def count_parameters(model: nn.Module) -> int:
 # What is on disk
 
 
-def model_files(source) -> list[Path]:
-    """The weight files whose bytes `bytes_on_disk` sums: *.safetensors of a directory, the .gguf file."""
-    if source.kind == "gguf":
-        return [Path(source.location) / source.gguf_file]
-    if source.kind == "dir":
-        return sorted(Path(source.location).glob("*.safetensors"))
-    return []
-
-
 def checkpoint_info(source) -> dict[str, Any]:
     """Bits (with where they come from), method and quantization cost, from the files alone."""
     info: dict[str, Any] = {"bits": None, "bits_source": None, "method": None, "quantize": None}
     if source.kind != "dir":
         return info
     directory = Path(source.location)
-    config = _read_json(directory / "config.json") or {}
-    report = _read_json(directory / "llmquant.json")
+    config = _read_json(directory / CONFIG_FILE) or {}
+    report = _read_json(directory / REPORT_FILE)
     quantization = config.get("quantization_config")
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "llmquant":
+    if is_packed_checkpoint(directory) and isinstance(quantization, dict):
         info["bits"], info["bits_source"] = quantization.get("bits"), "quantization_config"
         info["method"] = (quantization.get("info") or {}).get("method")
     elif isinstance(report, dict) and isinstance(report.get("bits"), dict):
@@ -304,19 +255,6 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device:
 # Loading and warming up each model, then the timing rounds
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 # The warm-up's decode runs this many steps at most: every step runs the same code, so a few steps
 # trigger every first-use cost (the torch-cached decode of each weight happens at the first forward).
 WARMUP_DECODE_STEPS = 16
@@ -338,7 +276,7 @@ class _Slot:
 
 
 def _load(spec: str, settings: BenchSettings, device: torch.device):
-    from llmquant.models.loading import load_model
+    from llmquant.runtime.loader import load_model
     from llmquant.runtime.qlinear import set_backend
 
     model, tokenizer, source = load_model(spec, settings.dtype, str(device))
@@ -412,7 +350,7 @@ def prepare(spec: str, settings: BenchSettings, device: torch.device, on_step: C
     if device.type == "cuda":
         memory["cuda_after_load_bytes"] = cuda_loaded
         memory["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    files = model_files(source)
+    files = source.files((".safetensors",))
     record = {
         "model": source.describe(),
         "name": Path(source.describe()).name,
@@ -536,8 +474,8 @@ def run_bench(
     reloaded for each of its repetitions). Phase 2: `repeats` rounds, each timing one repetition of
     the baseline and then of every model, and a closing baseline repetition; speed ratios pair each
     repetition with the baseline's at the same moment (paired_ratios)."""
-    from llmquant.models.loading import resolve_device, resolve_model_source
-    from llmquant.quantize import versions
+    from llmquant.devices import resolve_device
+    from llmquant.models.loading import resolve_model_source
 
     settings = settings or BenchSettings()
     settings.check()

@@ -14,8 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmquant.devices import check_device, check_dtype
 from llmquant.errors import LLMQuantError, UserError
-from llmquant.recipe import PROTOCOLS
 
 app = typer.Typer(
     add_completion=False,
@@ -30,22 +30,22 @@ DataDir = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
 Protocol = Annotated[Optional[str], typer.Option("--protocol", help="p0 (papers: 128x2048) or p1 (CPU: 32x512 / 128x512 eval)")]
-
-
-def _protocol(name: Optional[str]) -> dict[str, int]:
-    if name is None:
-        return {}
-    if name.lower() not in PROTOCOLS:
-        raise UserError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {name!r}")
-    return PROTOCOLS[name.lower()]
+Sets = Annotated[
+    Optional[list[str]], typer.Option("--set", help="override any recipe field: --set method.fidelity=paper (repeatable)")
+]
 
 
 def _recipe_overrides(protocol: Optional[str], sets: Optional[list[str]], **flags: object) -> dict[str, object]:
     """What quantize and validate apply to a recipe: the protocol's calibration size, then the flags
     given (field path -> value; None = not given), then the --set pairs, which win over both.
     load_recipe ignores None values, so a protocol that sets nothing leaves the recipe as it is."""
-    preset = _protocol(protocol)
-    overrides: dict[str, object] = {"calibration.nsamples": preset.get("nsamples"), "calibration.seqlen": preset.get("seqlen")}
+    from llmquant.recipe import get_protocol
+
+    preset = get_protocol(protocol)
+    overrides: dict[str, object] = {
+        "calibration.nsamples": preset.nsamples if preset else None,
+        "calibration.seqlen": preset.seqlen if preset else None,
+    }
     overrides.update({path: value for path, value in flags.items() if value is not None})
     return {**overrides, **_parse_sets(sets or [])}
 
@@ -70,6 +70,14 @@ def _print_json(data: dict) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def _check_flag(flag: str, check, value: str) -> None:
+    """One vocabulary for flags and recipes (llmquant/devices.py); a bad value is one line, exit 2."""
+    try:
+        check(value)
+    except ValueError as error:
+        raise UserError(f"{flag}: {error}") from None
+
+
 @app.command()
 def quantize(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML")],
@@ -81,9 +89,7 @@ def quantize(
     dataset: Annotated[Optional[str], typer.Option(help="override calibration.dataset")] = None,
     device: Annotated[Optional[str], typer.Option(help="override recipe.device (auto, cpu, cuda:N)")] = None,
     protocol: Protocol = None,
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="override any recipe field: --set method.fidelity=paper (repeatable)")
-    ] = None,
+    set_: Sets = None,
     data_dir: DataDir = None,
     fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (dequantized fp checkpoint)")] = "packed",
     force: Annotated[
@@ -109,7 +115,9 @@ def quantize(
     from llmquant.recipe import load_recipe
     from llmquant.ui import progress
 
-    if fmt not in ("packed", "fake"):
+    from llmquant.formats import FORMATS
+
+    if fmt not in FORMATS:
         raise UserError(f"--format: expected packed or fake, got {fmt!r}")
     overrides = _recipe_overrides(
         protocol,
@@ -175,18 +183,18 @@ def calibrate(
     """Sample and save a seeded calibration set that `quantize` can reuse (calibration.dataset: FILE)."""
     from llmquant.data.calibration import build_calibration
     from llmquant.models.loading import load_tokenizer
-    from llmquant.recipe import CalibrationConfig
+    from llmquant.recipe import CalibrationConfig, get_protocol
 
     if output.suffix != ".safetensors":
         raise UserError(f"--output: must end in .safetensors, got {output}")
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; pass --force to replace it")
-    preset = _protocol(protocol)
+    preset = get_protocol(protocol)
     try:
         cfg = CalibrationConfig(
             dataset=dataset,
-            nsamples=nsamples or preset.get("nsamples", 128),
-            seqlen=seqlen or preset.get("seqlen", 2048),
+            nsamples=nsamples or (preset.nsamples if preset else 128),
+            seqlen=seqlen or (preset.seqlen if preset else 2048),
             seed=seed,
         )
     except ValueError as error:
@@ -231,140 +239,56 @@ def evaluate(
     ] = None,
     quiet: Quiet = False,
 ) -> None:
-    """Perplexity under the papers' protocol (methods-spec 1.8), with the protocol printed; with --kl,
+    """Perplexity under the papers' protocol (docs/protocol.md), with the protocol printed; with --kl,
     KL divergence from a reference model and top-1 agreement over the same windows."""
-    from llmquant.data.streams import build_eval_stream
-    from llmquant.evaluate import Reference, perplexity, reference_key, window_count
-    from llmquant.models.loading import load_model, load_tokenizer, resolve_device, resolve_model_source
+    from llmquant.evaluate import EvalSettings, run_eval
     from llmquant.ui import progress
 
-    if dtype not in ("auto", "float16", "bfloat16", "float32"):
-        raise UserError(f"--dtype: expected auto, float16, bfloat16 or float32, got {dtype!r}")
     if kl and reference is None:
         raise UserError("--kl needs --reference (the model to compare against, e.g. the full-precision directory)")
     if reference is not None and not kl:
         raise UserError("--reference only applies with --kl")
-    if reference is not None:
-        resolve_model_source(reference)  # a wrong path fails before anything loads
-    _check_device(device)
-    preset = {"p0": (2048, None), "p1": (512, 128)}.get((protocol or "").lower(), (2048, None))
-    _protocol(protocol)
-    seqlen = seqlen or preset[0]
-    max_windows = max_windows if max_windows is not None else preset[1]
-    if seqlen < 2:
-        raise UserError(f"--seqlen: must be at least 2, got {seqlen}")
-    if max_windows is not None and max_windows <= 0:
-        raise UserError(f"--max-windows: must be positive, got {max_windows}")
-    target = resolve_device(device)
-    lm, tokenizer, source = load_model(model, dtype, device)
-    lm.to(target)
-    if not packed_forward:
-        from llmquant.runtime.qlinear import set_backend
+    settings = EvalSettings(
+        datasets=tuple(ppl),
+        seqlen=seqlen,
+        max_windows=max_windows,
+        protocol=protocol,
+        data_dir=data_dir,
+        device=device,
+        dtype=dtype,
+        backend="torch" if packed_forward else "torch-cached",
+        reference=reference,
+        reference_cache=reference_cache,
+    )
+    settings.check()  # every flag, before anything loads
 
-        set_backend(lm, "torch-cached")  # identical numbers; decode each packed weight once
-    ref_source = ref_loader = ref_dtype = None
-    if reference is not None:
-        ref_source = resolve_model_source(reference)
-        other_vocabulary = UserError(f"--reference {reference}: its vocabulary differs from the model's; KL needs the same one")
-        if load_tokenizer(reference).get_vocab() != tokenizer.get_vocab():
-            raise other_vocabulary
-        ref_dtype = _load_dtype(dtype, target, ref_source)
-
-        loaded: list = []
-
-        def ref_loader():
-            # Called only when the reference cache cannot answer alone (both models are then
-            # resident), at most once for all datasets.
-            if not loaded:
-                ref_lm = load_model(reference, dtype, device)[0].to(target)
-                if _logits_width(ref_lm) != _logits_width(lm):
-                    raise other_vocabulary
-                if not packed_forward:
-                    set_backend(ref_lm, "torch-cached")
-                loaded.append(ref_lm)
-            return loaded[0]
-    results = []
-    for dataset in ppl:
-        stream = build_eval_stream(dataset, tokenizer, seqlen, data_dir)
-        n = window_count(stream.ids.numel(), seqlen, max_windows)
-        if n == 0:
-            raise UserError(f"{dataset}: {stream.ids.numel()} tokens is less than one window of {seqlen}")
-        line = stream.protocol_line(seqlen, n)
-        if not as_json:
-            typer.echo(line)
-        ref = saving = None
-        if ref_loader is not None:
-            ref = Reference(ref_loader, reference_cache, reference_key(ref_source, stream.ids, seqlen, n, ref_dtype, target))
-        elif reference_cache is not None:
-            own_dtype = _load_dtype(dtype, target, source)  # keyed as a later --reference run will key it
-            saving = Reference(lm, reference_cache, reference_key(source, stream.ids, seqlen, n, own_dtype, target))
-        with progress(quiet) as bar:
-            task = bar.add_task(f"eval {dataset}", total=n)
-            result = perplexity(
-                lm, stream.ids, seqlen, max_windows, target, lambda k, _n: bar.update(task, completed=k), ref, saving
+    def on_result(entry: dict) -> None:
+        if as_json:
+            return
+        name = entry["dataset"]
+        typer.echo(f"{name}: ppl {entry['ppl']:.4f}  ({entry['windows']} windows, {entry['seconds']:.1f}s)")
+        if "kl" in entry:
+            typer.echo(
+                f"{name}: KL {entry['kl']:.5f} nats (median {entry['kl_median']:.5f}, p99 {entry['kl_p99']:.4f}, "
+                f"max {entry['kl_max']:.3f}), top-1 agreement {entry['top1_agreement']:.2%} over {entry['kl_positions']} "
+                f"positions; reference ppl {entry['reference_ppl']:.4f}"
             )
-        entry = {
-            "dataset": stream.dataset,
-            "split": stream.split,
-            "source": stream.source,
-            "text_sha256": stream.text_sha256,
-            "tokens": stream.ids.numel(),
-            "seqlen": seqlen,
-            "windows": result.windows,
-            "ppl": result.ppl,
-            "seconds": result.seconds,
-        }
-        div = result.divergence
-        if div is not None:
-            entry.update(
-                {
-                    "reference": ref_source.describe(),
-                    "reference_ppl": div.reference_ppl,
-                    "kl": div.kl,
-                    "kl_median": div.kl_median,
-                    "kl_p99": div.kl_p99,
-                    "kl_max": div.kl_max,
-                    "top1_agreement": div.top1,
-                    "kl_positions": div.positions,
-                    "kl_window_means": div.window_kl,
-                    "reference_cache": div.reference_cache,
-                    "kl_computed_from": div.computed_from,
-                }
-            )
-        if saving is not None:
-            entry["saved_reference_cache"] = str(saving.cache_path) if saving.status == "built" else None
-        results.append(entry)
-        if not as_json:
-            typer.echo(f"{dataset}: ppl {result.ppl:.4f}  ({result.windows} windows, {result.seconds:.1f}s)")
-            if div is not None:
-                typer.echo(
-                    f"{dataset}: KL {div.kl:.5f} nats (median {div.kl_median:.5f}, p99 {div.kl_p99:.4f}, max {div.kl_max:.3f}), "
-                    f"top-1 agreement {div.top1:.2%} over {div.positions} positions; reference ppl {div.reference_ppl:.4f}"
-                )
+
+    with progress(quiet) as bar:
+
+        def window_progress(label: str, total: int):
+            task = bar.add_task(label, total=total)
+            return lambda done, _total: bar.update(task, completed=done)
+
+        report = run_eval(
+            model,
+            settings,
+            on_protocol=None if as_json else typer.echo,
+            progress=window_progress,
+            on_result=on_result,
+        )
     if as_json:
-        _print_json({"model": source.describe(), "results": results})
-
-
-def _load_dtype(name: str, device, source) -> str:
-    """The dtype load_model will give this model (what a reference cache is keyed on), without loading it."""
-    from llmquant.models.loading import checkpoint_dtype, resolve_dtype
-
-    resolved = resolve_dtype(name, device)
-    if resolved == "auto":  # a GPU: the checkpoint's own dtype, as transformers resolves it
-        resolved = checkpoint_dtype(source) or "auto"
-    return str(resolved)
-
-
-def _logits_width(model) -> int | None:
-    head = model.get_output_embeddings()
-    return getattr(head, "out_features", None) if head is not None else getattr(model.config, "vocab_size", None)
-
-
-def _check_device(name: str) -> None:
-    import re
-
-    if name != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", name):
-        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}")
+        _print_json(report)
 
 
 @app.command()
@@ -390,9 +314,8 @@ def bench(
     """Size, bits, load time, memory, prefill and decode tokens/s of each model and a baseline, side by side."""
     from llmquant.bench import BenchSettings, format_report, run_bench
 
-    if dtype not in ("auto", "float16", "bfloat16", "float32"):
-        raise UserError(f"--dtype: expected auto, float16, bfloat16 or float32, got {dtype!r}")
-    _check_device(device)
+    _check_flag("--dtype", check_dtype, dtype)
+    _check_flag("--device", check_device, device)
     settings = BenchSettings(
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
@@ -413,18 +336,18 @@ def bench(
 def pack(
     model: Annotated[str, typer.Option(help="llmquant checkpoint directory")],
     output: Annotated[Path, typer.Option(help="directory to write")],
-    fmt: Annotated[str, typer.Option("--format", help="native (packed bits) or fake (plain dequantized HF checkpoint)")],
+    fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (plain dequantized HF checkpoint)")],
     dtype: Annotated[Optional[str], typer.Option(help="fake: weight dtype (float16, bfloat16, float32)")] = None,
     force: Annotated[bool, typer.Option("--force")] = False,
 ) -> None:
-    """Re-encode a checkpoint: native <-> fake-quant (see docs/format.md for the contract)."""
-    from llmquant.formats import convert
+    """Re-encode a checkpoint: packed <-> fake-quant (see docs/format.md for the contract)."""
+    from llmquant.formats import FORMATS, convert
     from llmquant.output import check_output_free
 
-    if fmt not in ("native", "fake"):
-        raise UserError(f"--format: expected native or fake, got {fmt!r}")
-    if dtype is not None and dtype not in ("float16", "bfloat16", "float32"):
-        raise UserError(f"--dtype: expected float16, bfloat16 or float32, got {dtype!r}")
+    if fmt not in FORMATS:
+        raise UserError(f"--format: expected packed or fake, got {fmt!r}")
+    if dtype is not None:
+        _check_flag("--dtype", lambda name: check_dtype(name, allow_auto=False), dtype)
     if not Path(model).is_dir():
         raise UserError(f"model directory not found: {model}")
     check_output_free(output, force)
@@ -450,9 +373,7 @@ def methods() -> None:
 def validate(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML")],
     protocol: Protocol = None,
-    set_: Annotated[
-        Optional[list[str]], typer.Option("--set", help="override any recipe field, as for quantize (repeatable)")
-    ] = None,
+    set_: Sets = None,
 ) -> None:
     """Validate a recipe (with the same --protocol and --set overrides quantize takes) without loading
     anything; prints the resolved recipe as JSON."""

@@ -98,8 +98,3 @@ def atomic_output_dir(target: str | Path, force: bool = False) -> Iterator[Path]
         partial.rename(path)
 
 
-def atomic_write_text(target: str | Path, text: str) -> None:
-    path = Path(target)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
-import resource
-import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -15,42 +12,23 @@ from typing import Any
 
 import torch
 
-from llmquant import __version__
-from llmquant.core.bits import combine
-from llmquant.core.record import QuantizedRecord
+from llmquant.version import __version__
+from llmquant.core.record import QuantizedRecord, combine
 from llmquant.core.runner import LayerReport, SequentialRunner
 from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
+from llmquant.devices import resolve_device, resolve_dtype
+from llmquant.errors import UserError
+from llmquant.formats import save_fake, save_packed
+from llmquant.formats.checkpoint import REPORT_FILE, is_packed_checkpoint
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import resolve_layers
-from llmquant.models.loading import load_model, resolve_device, resolve_save_dtype
-from llmquant.errors import UserError
+from llmquant.models.loading import load_pretrained, load_tokenizer, resolve_model_source, resolve_save_dtype
 from llmquant.output import atomic_output_dir, check_output_free
+from llmquant.provenance import peak_memory, versions
 from llmquant.recipe import Recipe
-from llmquant.resume import WorkDir, check_work_dir, environment, finished_layers, make_fingerprint, model_identity
+from llmquant.resume import WorkDir, check_work_dir
 
 log = logging.getLogger(__name__)
-
-REPORT_FILE = "llmquant.json"
-ALLOCATION_FILE = "allocation.json"
-
-
-def peak_memory() -> dict[str, int]:
-    """Peak resident memory of this process (and of the CUDA allocator, when used), in bytes."""
-    usage = {"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)}
-    if torch.cuda.is_available():
-        usage["cuda_bytes"] = int(torch.cuda.max_memory_allocated())
-    return usage
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "llmquant": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def build_report(
@@ -90,8 +68,6 @@ def build_report(
 
 def write_checkpoint(model, tokenizer, records: dict[str, QuantizedRecord], directory: Path, fmt: str, info: dict) -> None:
     """fmt: "packed" (real bits, llmquant's loader) or "fake" (plain dequantized HF checkpoint)."""
-    from llmquant.formats import save_fake, save_packed
-
     if fmt == "packed":
         save_packed(model, records, directory, info)
     else:
@@ -136,13 +112,29 @@ def run_quantize(
     check_output_free(recipe.output, force)  # fail before anything expensive
     check_work_dir(recipe.output, resume, force)
     device = resolve_device(recipe.device)
+    source = resolve_model_source(recipe.model)
+    if source.kind == "dir" and is_packed_checkpoint(source.location):
+        raise UserError(f"model {recipe.model}: a packed llmquant checkpoint; quantize needs the full-precision model")
     start = time.perf_counter()
-    model, tokenizer, source = load_model(recipe.model, recipe.dtype, "cpu" if device.type == "cpu" else recipe.device)
+    model = load_pretrained(source, resolve_dtype(recipe.dtype, device))  # on the CPU; the runner moves layers
+    tokenizer = load_tokenizer(recipe.model)
     check_finite_weights(model, source.describe())
     save_dtype = resolve_save_dtype(recipe.save_dtype, source)
+    resolved = resolve_layers(model, recipe.skip)
+    if resolved.generic:
+        log.warning(
+            "no layer map for model_type %r: quantizing every nn.Linear of %s, one Hessian each",
+            getattr(model.config, "model_type", None),
+            resolved.path,
+        )
+    method_class = get_method_class(recipe.method.name)
+    method = method_class(recipe.method)
+    try:
+        method.check_linears(resolved.shapes())  # a recipe that does not fit the model fails before any work
+    except ValueError as error:
+        raise UserError(f"recipe: method: {error}") from None
     loaded = time.perf_counter()
     cal = recipe.calibration
-    method_class = get_method_class(recipe.method.name)
     data_free = not method_class.needs_calibration
     if data_free:
         # RTN and sign look at the weights only: no data to load, no forward pass to run.
@@ -152,13 +144,8 @@ def run_quantize(
         calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)
         check_calibration_ids(calibration, model)
     calibrated = time.perf_counter()
-    fingerprint = make_fingerprint(
-        recipe.dump(), model_identity(source.describe(), model), calibration.windows, calibration.sha256
-    )
-    work = WorkDir.open(recipe.output, fingerprint, environment(device, model.dtype), resume, force)
+    work = WorkDir.open(recipe, model, source.describe(), calibration, device, resume, force)
     try:
-        resolved = resolve_layers(model, recipe.skip)
-        method = method_class(recipe.method)
         resume_point = work.load(model, resolved, method, data_free) if resume else None
         restored = resume_point.start if resume_point else 0
         if on_start:
@@ -188,22 +175,16 @@ def run_quantize(
         with atomic_output_dir(recipe.output, force) as tmp:
             writing = time.perf_counter()
             # The output path is left out so that the checkpoint's bytes do not depend on where it is written.
-            recipe_info = {k: v for k, v in recipe.dump().items() if k != "output"}
-            info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe_info}
+            info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe.settings()}
             write_checkpoint(model, tokenizer, records, tmp, fmt, info)
-            if "allocation" in summary:
-                (tmp / ALLOCATION_FILE).write_text(json.dumps({"allocation": summary["allocation"]}, indent=1))
+            for filename, data in method.artifacts().items():
+                (tmp / filename).write_text(json.dumps(data, indent=1))
             report["time_seconds"]["write"] = time.perf_counter() - writing
             report["time_seconds"]["total"] = time.perf_counter() - start
             report["peak_memory"] = peak_memory()
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     except BaseException:
-        kept = finished_layers(work.path)
-        if kept == 0:
-            work.remove()  # nothing worth resuming: leave nothing behind
-        else:
-            work.close()
-            log.warning("%d finished layer(s) are kept in %s; rerun with --resume to continue from there", kept, work.path)
+        work.abandon()  # kept if a layer finished (resumable), else removed
         raise
     work.remove()
     return Path(recipe.output), report

@@ -9,20 +9,42 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llmquant.devices import check_device
 from llmquant.errors import UserError
 from llmquant.methods import MethodConfig, available_methods, get_method_class
 
 NAMED_DATASETS = ("wikitext2", "ptb", "c4")
 
-# Protocol presets the CLI's --protocol flag applies (docs/protocol.md). P0 is the papers' setting,
-# P1 the same procedure scaled to a 2-core CPU.
-PROTOCOLS: dict[str, dict[str, int]] = {"p0": {"nsamples": 128, "seqlen": 2048}, "p1": {"nsamples": 32, "seqlen": 512}}
+
+@dataclass(frozen=True)
+class Protocol:
+    """A measurement protocol (docs/protocol.md): the calibration size and the evaluation windows."""
+
+    nsamples: int  # calibration windows
+    seqlen: int  # calibration window length
+    eval_seqlen: int  # evaluation window length
+    eval_windows: int | None  # evaluate only the first N windows (None: all)
+
+
+# The presets --protocol applies. P0 is the papers' setting, P1 the same procedure on a 2-core CPU.
+PROTOCOLS: dict[str, Protocol] = {"p0": Protocol(128, 2048, 2048, None), "p1": Protocol(32, 512, 512, 128)}
+DEFAULT_PROTOCOL = "p0"
+
+
+def get_protocol(name: str | None) -> Protocol | None:
+    """The preset called `name` (any case); None for None; UserError for an unknown one."""
+    if name is None:
+        return None
+    if name.lower() not in PROTOCOLS:
+        raise UserError(f"--protocol: expected one of {', '.join(PROTOCOLS)}, got {name!r}")
+    return PROTOCOLS[name.lower()]
 
 
 class CalibrationConfig(BaseModel):
@@ -73,15 +95,18 @@ class Recipe(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if value != "auto" and not (value == "cpu" or value.startswith(("cuda", "mps", "xpu"))):
-            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
-        return value
+        return check_device(value)
 
     def dump(self) -> dict[str, Any]:
         """JSON-able form (method block included) for llmquant.json."""
         data = self.model_dump(mode="json")
         data["method"] = self.method.model_dump(mode="json")
         return data
+
+    def settings(self) -> dict[str, Any]:
+        """`dump()` without `output`: what the result depends on (the checkpoint's recipe record and
+        the resume fingerprint), so that the same recipe written elsewhere gives the same bytes."""
+        return {key: value for key, value in self.dump().items() if key != "output"}
 
 
 def _loc_part(part: Any) -> str:
@@ -113,25 +138,10 @@ def _parse_method(source: str, block: Any) -> MethodConfig:
         raise UserError(
             f"{source}: method.name: unknown method {name!r}; available: {', '.join(available_methods())}"
         ) from None
-    block = dict(block)
-    allocation = block.get("allocation")
-    if isinstance(allocation, str):  # a path to a saved allocation (SliM-LLM) -> its contents
-        block["allocation"] = _read_allocation(source, allocation)
     try:
-        return cls.Config.model_validate(block)
+        return cls.Config.model_validate(dict(block))
     except ValidationError as error:
         raise _format_error(source, error, prefix="method") from None
-
-
-def _read_allocation(source: str, path: str) -> Any:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"{source}: method.allocation: file not found: {path}")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{source}: method.allocation: cannot read {path}: {error}") from None
-    return data.get("allocation", data) if isinstance(data, dict) else data
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:

@@ -5,8 +5,9 @@ temporary directory, which is deleted when a run fails):
 
     fingerprint.json          what the run is: sha256 over the recipe (minus `output`), the model's
                               identity, the calibration windows and llmquant's version
-    layer-0000.safetensors    layer 0's records: every stored tensor as `<linear>.<key>`; the header
-                              holds each record's layout/meta/bits/loss/stats and the layer's report
+    layer-0000.safetensors    layer 0's records in their packed form, exactly as the checkpoint
+                              stores them (`<linear>.<stored name>`, docs/format.md); the header holds
+                              each record's descriptor, bits, loss and stats, and the layer's report
     hidden-0001.safetensors   the hidden states that feed layer 1, saved verbatim: recomputing them
                               from the restored weights is not bit-identical to the live chain, so
                               they are never regenerated. Only the newest one is kept.
@@ -16,9 +17,9 @@ After layer i: write layer-i, then hidden-(i+1) (each to a temporary name, fsync
 mid-write leaves no damaged file under a final name), then delete hidden-i. On resume the first
 layer to run is the largest s such that layer-0 .. layer-(s-1) exist and hidden-s exists (s = 0
 needs nothing, s = the number of layers needs no hidden states); later files are stale and removed.
-The restored layers get their weights from `layouts.decode` of the saved records (exactly what the
-method produced), the method rebuilds its cross-layer state through `Method.restore`, and the
-runner continues from hidden-s. The result is bit-identical to an uninterrupted run on the same
+The restored layers get their weights from the layout's `decode` of the unpacked records (exactly
+what the method produced: the codecs round-trip exactly), the method rebuilds its cross-layer state
+through `Method.restore`, and the runner continues from hidden-s. The result is bit-identical to an uninterrupted run on the same
 machine and software (tests/test_reliability.py).
 """
 
@@ -29,36 +30,35 @@ import json
 import logging
 import os
 import shutil
-import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from llmquant import __version__
-from llmquant.core.layouts import check_tensors, decode
+from llmquant.version import __version__
+from llmquant.core.method import Method
 from llmquant.core.record import BitFigures, QuantizedRecord
 from llmquant.core.runner import LayerReport, LinearReport, ResumePoint
 from llmquant.errors import UserError
-from llmquant.formats.safetensors_io import write_safetensors
-from llmquant.output import fsync_dir
-from llmquant.methods.base import Method
+from llmquant.formats.packers import PackedLinear, pack, unpack
+from llmquant.layouts import decode
 from llmquant.models.layer_maps import ResolvedLayers
+from llmquant.output import fsync_dir
+from llmquant.safetensors_io import write_safetensors
+
+if TYPE_CHECKING:
+    from llmquant.data.calibration import CalibrationSet
+    from llmquant.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-WORK_VERSION = 1
+WORK_VERSION = 2  # 2: layer files hold the checkpoint's packed tensors and descriptors
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = "lock"
 META_KEY = "llmquant.resume"
-# Test-only switches (tests/test_reliability.py): after checkpointing layer N the process dies with
-# os._exit(137), or sleeps so that the test can SIGKILL it at a known point. Never set them otherwise.
-KILL_ENV = "LLMQUANT_TEST_KILL_AFTER_LAYER"
-PAUSE_ENV = "LLMQUANT_TEST_PAUSE_AFTER_LAYER"
 
 
 def work_dir_for(output: str | Path) -> Path:
@@ -142,8 +142,8 @@ def model_identity(source_description: str, model: nn.Module) -> dict[str, str]:
     return {"source": source_description, "config_sha256": _sha256_json(config), "weights_sample_sha256": digest.hexdigest()}
 
 
-def make_fingerprint(recipe_data: dict[str, Any], model: dict[str, str], windows: torch.Tensor, windows_sha256: str) -> dict[str, Any]:
-    recipe = {k: v for k, v in recipe_data.items() if k != "output"}
+def make_fingerprint(recipe: dict[str, Any], model: dict[str, str], windows: torch.Tensor, windows_sha256: str) -> dict[str, Any]:
+    """`recipe`: the recipe's settings without `output` (Recipe.settings())."""
     components = {
         "llmquant": __version__,
         "recipe": recipe,
@@ -229,9 +229,25 @@ class WorkDir:
 
     @classmethod
     def open(
+        cls,
+        recipe: "Recipe",
+        model: nn.Module,
+        source: str,
+        calibration: "CalibrationSet",
+        device: torch.device,
+        resume: bool,
+        force: bool,
+    ) -> "WorkDir":
+        """Creates the work directory of `recipe.output`, or (resume) validates an existing one against
+        this run's fingerprint (recipe settings, model identity, calibration windows, version)."""
+        fingerprint = make_fingerprint(recipe.settings(), model_identity(source, model), calibration.windows, calibration.sha256)
+        return cls.open_at(recipe.output, fingerprint, environment(device, model.dtype), resume, force)
+
+    @classmethod
+    def open_at(
         cls, output: str | Path, fingerprint: dict[str, Any], env: dict[str, Any], resume: bool, force: bool
     ) -> "WorkDir":
-        """Creates the work directory, or (resume) validates an existing one against `fingerprint`."""
+        """`open` with the fingerprint and environment already computed."""
         path = work_dir_for(output)
         existed = path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir())
         if existed and not resume and not force:
@@ -289,6 +305,17 @@ class WorkDir:
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def abandon(self) -> int:
+        """After a failed or interrupted run: keep the directory if a layer finished (it can be
+        resumed), else remove it, leaving nothing behind. Returns the number of layers kept."""
+        kept = finished_layers(self.path)
+        if kept == 0:
+            self.remove()
+        else:
+            self.close()
+            log.warning("%d finished layer(s) are kept in %s; rerun with --resume to continue from there", kept, self.path)
+        return kept
+
     def _clear(self) -> None:
         for entry in self.path.iterdir():
             if entry.name == LOCK_FILE:
@@ -321,17 +348,16 @@ class WorkDir:
         tensors: dict[str, torch.Tensor] = {}
         entries = []
         for name, record in records.items():
-            for key, tensor in record.tensors.items():
+            packed = pack(record.layout, record.tensors, record.meta)
+            for key, tensor in packed.tensors.items():
                 tensors[f"{name}.{key}"] = tensor
             entries.append(
                 {
                     "name": name,
-                    "layout": record.layout,
-                    "meta": record.meta,
+                    "descriptor": packed.descriptor(),
                     "bits": record.bits.as_dict(),
                     "loss": record.loss,
                     "stats": record.stats,
-                    "tensors": sorted(record.tensors),
                 }
             )
         meta = {"version": WORK_VERSION, "layer": index, "records": entries, "report": asdict(report)}
@@ -341,7 +367,6 @@ class WorkDir:
             write_safetensors(self.path / hidden_file(index + 1), {"hidden": next_inputs}, {META_KEY: json.dumps(hidden_meta)})
         (self.path / hidden_file(index)).unlink(missing_ok=True)
         self.finished = index + 1
-        _test_hooks(index)
 
     # Reading -----------------------------------------------------------------------------------
 
@@ -394,19 +419,22 @@ class WorkDir:
                 raise ValueError(f"holds {sorted(e['name'] for e in entries)}, expected {sorted(expected)}")
             records: dict[str, QuantizedRecord] = {}
             for entry in entries:
-                name = entry["name"]
-                own = {key: tensors[f"{name}.{key}"] for key in entry["tensors"]}
+                name, descriptor = entry["name"], entry["descriptor"]
+                stored = {key: tensors[f"{name}.{key}"] for key in descriptor["tensors"]}
+                packed = PackedLinear.from_descriptor(descriptor, stored)
                 module = model.get_submodule(name)
                 if not isinstance(module, nn.Linear):
                     raise ValueError(f"{name} is not a linear of the model")
-                check_tensors(entry["layout"], own, entry["meta"], module.out_features, module.in_features)
-                weight = decode(entry["layout"], own, entry["meta"])
+                if packed.shape != (module.out_features, module.in_features):
+                    raise ValueError(f"{name} is stored as {list(packed.shape)}, the model has {module}")
+                own = unpack(packed)
+                weight = decode(packed.layout, own, packed.meta)
                 module.weight.data.copy_(weight.to(module.weight.dtype))
                 records[name] = QuantizedRecord(
                     dequantized=module.weight.data,
-                    layout=entry["layout"],
+                    layout=packed.layout,
                     tensors=own,
-                    meta=entry["meta"],
+                    meta=packed.meta,
                     bits=BitFigures(**entry["bits"]),
                     loss=entry["loss"],
                     stats=entry["stats"],
@@ -418,11 +446,3 @@ class WorkDir:
             raise UserError(f"{path}: inconsistent work file ({' '.join(str(error).split())}); pass --force to start over") from None
         return records, report
 
-
-def _test_hooks(index: int) -> None:
-    if os.environ.get(KILL_ENV) == str(index):
-        os._exit(137)
-    if os.environ.get(PAUSE_ENV) == str(index):
-        sys.stderr.write(f"llmquant test hook: paused after layer {index}\n")
-        sys.stderr.flush()
-        time.sleep(600)

@@ -23,9 +23,10 @@ from llmquant.cli import app
 from llmquant.errors import UserError
 from llmquant.bench import BenchSettings, _Slot, format_report, paired_ratios, run_bench
 from llmquant.evaluate import Reference, kl_divergence, perplexity, reference_key
-from llmquant.formats import load_quantized, save_packed
+from llmquant.formats import save_packed
+from llmquant.runtime import load_quantized
 from llmquant.methods import get_method_class
-from llmquant.models.loading import load_model
+from llmquant.runtime.loader import load_model
 
 SMALL = BenchSettings(prompt_tokens=24, new_tokens=4, decode_prompt_tokens=8, warmup=1, repeats=3)
 
@@ -259,7 +260,7 @@ def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path, monkeypatch
     (saved,) = json.loads(done.stdout)["results"]
     assert saved["saved_reference_cache"] and Path(saved["saved_reference_cache"]).parent == cache
     assert saved["ppl"] == pytest.approx(result["reference_ppl"], rel=1e-6)
-    import llmquant.models.loading as loading
+    import llmquant.runtime.loader as loading
 
     loaded_models = []
     real_load_model = loading.load_model

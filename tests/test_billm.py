@@ -11,10 +11,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from llmquant.core.bits.binary_residual import binary_residual_bits
+from llmquant.layouts.binary_residual import binary_residual_bits
 from llmquant.core.gptq import relative_output_error
 from llmquant.core.hessian import inverse_cholesky_upper
-from llmquant.core.layouts import check_tensors, decode
+from llmquant.layouts import check_tensors, decode
 from llmquant.methods import get_method_class
 from llmquant.methods.billm import (
     BiLLM,

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmquant.formats import bitpack
+from llmquant.layouts import bitpack
 
 
 def random_values(count: int, width: int, seed: int) -> torch.Tensor:

@@ -155,3 +155,28 @@ def test_validate_resolves_protocol_and_set_like_quantize():
     bad = llmquant("validate", "--recipe", str(shipped), "--set", "method.bits=99")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["error: " + f"{shipped}: method.bits: Input should be less than or equal to 8"]
+
+
+def test_recipes_that_do_not_fit_the_model_fail_before_any_work(tmp_path, tiny_llama_dir):
+    # A SliM allocation with the wrong number of groups: one line naming the linear, exit 2, and no
+    # calibration, work directory or output (the method checks every linear before the run starts).
+    linear = "model.layers.0.self_attn.q_proj"
+    bad = tmp_path / "slim.yaml"
+    bad.write_text(
+        f"model: {tiny_llama_dir}\ncalibration: {{dataset: c4}}\n"
+        f"method: {{name: slim, bits: 2, group_size: 32, allocation: {{{linear}: [2, 2, 2]}}}}\n"
+        f"output: {tmp_path / 'o'}\n"
+    )
+    done = llmquant("quantize", "--recipe", str(bad), "--quiet")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: recipe: method: slim allocation for {linear}: 3 groups given, the linear has 2"
+    ]
+    assert list(tmp_path.iterdir()) == [bad]
+
+    # A packed checkpoint is not a model to quantize.
+    rtn = tmp_path / "rtn.yaml"
+    rtn.write_text(f"model: {tiny_llama_dir}\nmethod: {{name: rtn, bits: 4, group_size: 32}}\noutput: {tmp_path / 'q'}\n")
+    assert llmquant("quantize", "--recipe", str(rtn), "--quiet").returncode == 0
+    again = llmquant("quantize", "--recipe", str(rtn), "--model", str(tmp_path / "q"), "--output", str(tmp_path / "qq"))
+    assert again.returncode == 2 and "a packed llmquant checkpoint; quantize needs the full-precision model" in again.stderr

@@ -14,14 +14,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from llmquant.core.bits.binary_residual import binary_residual_bits
-from llmquant.core.bits.mixed import mixed_bits
-from llmquant.core.bits.partial_binary import partial_binary_bits
-from llmquant.core.bits.uniform import uniform_bits
-from llmquant.core.layouts import decode
+from llmquant.layouts.binary_residual import binary_residual_bits
+from llmquant.layouts.mixed import mixed_bits
+from llmquant.layouts.partial_binary import partial_binary_bits
+from llmquant.layouts.uniform import uniform_bits
+from llmquant.layouts import decode
 from llmquant.core.record import QuantizedRecord
 from llmquant.errors import UserError
-from llmquant.formats import convert, is_packed_checkpoint, load_quantized, packers, save_fake, save_packed
+from llmquant.formats import convert, is_packed_checkpoint, packers, save_fake, save_packed
+from llmquant.runtime import load_quantized
 from llmquant.formats.checkpoint import RECORDS_FILE, WEIGHTS_FILE
 from llmquant.methods import available_methods, get_method_class
 from llmquant.runtime import QuantizedLinear, available_backends, register_backend, set_backend
@@ -375,7 +376,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def native_dir(tiny, tmp_path_factory):
     model, records = tiny
-    directory = tmp_path_factory.mktemp("native")
+    directory = tmp_path_factory.mktemp("packed")
     save_packed(model, records, directory, {"method": "mixed-test", "recipe_hash": "abc"})
     return directory
 
@@ -436,11 +437,11 @@ def test_cached_backend_gives_the_same_logits(native_dir):
 def test_half_precision_models_in_both_formats_agree(tiny, dtype, tmp_path):
     model, records = tiny
     half = copy.deepcopy(model).to(dtype)
-    for fmt in ("native", "fake"):
+    for fmt in ("packed", "fake"):
         (tmp_path / fmt).mkdir()
-    save_packed(half, records, tmp_path / "native", {})
+    save_packed(half, records, tmp_path / "packed", {})
     save_fake(half, records, tmp_path / "fake")
-    loaded = load_quantized(tmp_path / "native")
+    loaded = load_quantized(tmp_path / "packed")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "fake")
     assert loaded.dtype == plain.dtype == dtype
     for name in records:
@@ -469,7 +470,7 @@ def test_convert_both_ways(tiny, native_dir, fake_dir, tmp_path):
     assert (tmp_path / "fake" / "tokenizer.json").is_file()
     assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "fake")), reference)
 
-    convert(fake_dir, tmp_path / "native", "native")
+    convert(fake_dir, tmp_path / "native", "packed")
     assert is_packed_checkpoint(tmp_path / "native")
     assert torch.equal(logits(load_quantized(tmp_path / "native")), reference)
     # Re-packing reproduces the very same stored tensors.
@@ -478,7 +479,7 @@ def test_convert_both_ways(tiny, native_dir, fake_dir, tmp_path):
     assert all(torch.equal(original.get_tensor(k), repacked.get_tensor(k)) for k in original.keys())
     assert original.metadata() == repacked.metadata()
 
-    convert(tmp_path / "fake", tmp_path / "native-bf16", "native", dtype="bf16")
+    convert(tmp_path / "fake", tmp_path / "native-bf16", "packed", dtype="bf16")
     loaded = load_quantized(tmp_path / "native-bf16")
     assert loaded.dtype == torch.bfloat16
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -615,7 +616,7 @@ def test_fake_and_plain_checkpoints_are_refused_where_they_cannot_be_used(tiny, 
     plain_dir = tmp_path / "plain"
     model.save_pretrained(plain_dir)
     with pytest.raises(UserError, match=f"plain checkpoint without {RECORDS_FILE}"):
-        convert(plain_dir, tmp_path / "out", "native")
+        convert(plain_dir, tmp_path / "out", "packed")
     with pytest.raises(UserError, match="unknown checkpoint format"):
         convert(fake_dir, tmp_path / "out", "gguf")
 
@@ -624,7 +625,7 @@ def test_fake_weights_edited_after_saving_are_not_silently_repacked(fake_dir, tm
     directory = damaged_copy(fake_dir, tmp_path)
     rewrite_weights(directory, lambda t, h: t[f"{Q}.weight"].mul_(1.5))
     with pytest.raises(UserError, match=f"{Q}.weight differs from its packed record"):
-        convert(directory, tmp_path / "out", "native")
+        convert(directory, tmp_path / "out", "packed")
 
 
 def test_writer_refuses_records_that_do_not_fit_the_model(tiny, tmp_path):

@@ -29,9 +29,10 @@ from safetensors import safe_open
 
 from llmquant.data.calibration import CalibrationSet
 from llmquant.errors import UserError
-from llmquant.formats import load_quantized, read_checkpoint
-from llmquant.formats.safetensors_io import write_safetensors
-from llmquant.models.loading import load_model
+from llmquant.formats import read_checkpoint
+from llmquant.runtime import load_quantized
+from llmquant.safetensors_io import write_safetensors
+from llmquant.runtime.loader import load_model
 from llmquant.quantize import check_calibration_ids, check_finite_weights, run_quantize
 from llmquant.recipe import Recipe, load_recipe, parse_recipe
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmquant.core.hessian import HessianAccumulator, fix_dead_columns, inverse_cholesky_upper
-from llmquant.core.layouts import check_tensors, decode
+from llmquant.layouts import check_tensors, decode
 from llmquant.core.uniform import minmax_params
 from llmquant.errors import NumericalError
 from llmquant.methods import get_method_class

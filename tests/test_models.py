@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_model
-from llmquant.core.runner import SequentialRunner, capture_inputs
+from llmquant.core.runner import SequentialRunner, capture_layer_inputs
 from llmquant.methods import get_method_class
 from llmquant.models import layer_maps
 from llmquant.models.layer_maps import resolve_layers
@@ -17,7 +17,7 @@ ARCHS = ["llama", "qwen2", "opt", "gemma3"]
 def layer_by_layer(model, windows):
     """Runs the captured layer-0 inputs through every layer alone, with the captured arguments."""
     resolved = resolve_layers(model)
-    captured = capture_inputs(model, resolved.layers, windows)
+    captured = capture_layer_inputs(model, resolved.layers, windows)
     hidden = captured.hidden
     with torch.no_grad():
         for index, layer in enumerate(resolved.layers):
@@ -102,3 +102,21 @@ def test_runner_quantizes_every_linear_and_chains_quantized_outputs():
     for report in reports:
         for linear in report.linears:
             assert 0 < linear.relative_error < 0.5
+
+
+def test_moe_routers_stay_in_full_precision():
+    import transformers
+
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    linears = {n for n, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert "mlp.shared_expert_gate" in linears  # a one-output nn.Linear that routes tokens ...
+    resolved = resolve_layers(model)
+    names = set(resolved.linear_names(0))
+    assert "mlp.shared_expert_gate" not in names and "mlp.gate" not in names  # ... is kept (LayerMap.keep)
+    assert {"self_attn.q_proj", "mlp.shared_expert.down_proj"} <= names
+    assert resolved.shapes()["model.layers.1.self_attn.q_proj"] == (32, 32)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from llmquant.core.bits.partial_binary import csr_index_bits, partial_binary_bits
+from llmquant.layouts.partial_binary import csr_index_bits, partial_binary_bits
 from llmquant.core.gptq import relative_output_error
 from llmquant.core.hessian import inverse_cholesky_upper
-from llmquant.core.layouts import check_tensors, decode
+from llmquant.layouts import check_tensors, decode
 from llmquant.core.uniform import minmax_params
 from llmquant.methods import get_method_class
 from llmquant.methods.pbllm import (

@@ -22,18 +22,17 @@ import torch
 from torch import nn
 
 from conftest import byte_tokenizer, tiny_model
-from llmquant import resume as resume_module
 from llmquant.core.hessian import inverse_cholesky_upper, record_damping
 from llmquant.core.runner import SequentialRunner
 from llmquant.errors import NumericalError, UserError
-from llmquant.formats import load_quantized
+from llmquant.runtime import load_quantized
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import ResolvedLayers
-from llmquant.models.loading import load_model
+from llmquant.runtime.loader import load_model
 from llmquant.output import atomic_output_dir
 from llmquant.quantize import run_quantize
 from llmquant.recipe import parse_recipe
-from llmquant.resume import KILL_ENV, PAUSE_ENV, WorkDir, check_work_dir, work_dir_for
+from llmquant.resume import WorkDir, check_work_dir, work_dir_for
 
 VOLATILE = {"created", "time_seconds", "peak_memory", "resumed_layers"}
 
@@ -102,11 +101,15 @@ class Crash(Exception):
 
 
 def crash_after(monkeypatch, layer: int) -> None:
-    def hook(index: int) -> None:
-        if index == layer:
-            raise Crash(index)
+    """Wraps the work directory's layer sink: layer `layer` is checkpointed, then the run crashes."""
+    save_layer = WorkDir.save_layer
 
-    monkeypatch.setattr(resume_module, "_test_hooks", hook)
+    def save_then_crash(self, report, records, next_inputs):
+        save_layer(self, report, records, next_inputs)
+        if report.index == layer:
+            raise Crash(report.index)
+
+    monkeypatch.setattr(WorkDir, "save_layer", save_then_crash)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,7 +151,7 @@ def test_data_free_methods_load_no_data_and_run_no_forward(tiny_llama_dir, corpu
     """RTN and sign look at the weights only: no calibration data is loaded, the model is never run,
     and each weight is exactly the method's own quantization of it."""
     monkeypatch.setattr("llmquant.quantize.load_or_build_calibration", lambda *a: pytest.fail("calibration data loaded"))
-    monkeypatch.setattr("llmquant.core.runner.capture_inputs", lambda *a: pytest.fail("a forward pass ran"))
+    monkeypatch.setattr("llmquant.core.runner.capture_layer_inputs", lambda *a: pytest.fail("a forward pass ran"))
     out = tmp_path / "out"
     _, report = run_quantize(recipe(tiny_llama_dir, corpus, out, method))
     assert report["calibration"] == {"dataset": None, "used": False, "windows_sha256": report["calibration"]["windows_sha256"]}
@@ -244,10 +247,10 @@ def test_resume_without_a_work_directory_starts_from_layer_0(tiny_llama_dir, cor
 
 def test_a_work_directory_is_used_by_one_process_at_a_time(tmp_path):
     fingerprint = {"version": 1, "sha256": "x", "components": {}}
-    first = WorkDir.open(tmp_path / "out", fingerprint, {}, resume=False, force=False)
+    first = WorkDir.open_at(tmp_path / "out", fingerprint, {}, resume=False, force=False)
     try:
         with pytest.raises(UserError, match="in use by another llmquant process"):
-            WorkDir.open(tmp_path / "out", fingerprint, {}, resume=True, force=False)
+            WorkDir.open_at(tmp_path / "out", fingerprint, {}, resume=True, force=False)
         with pytest.raises(UserError, match="in use by another llmquant process"):
             check_work_dir(tmp_path / "out", resume=False, force=True)
     finally:
@@ -273,6 +276,7 @@ def test_damaged_work_files_are_one_clear_error(tiny_llama_dir, corpus, tmp_path
 # The command line with the same thread configuration as this module's in-process runs, so that an
 # uninterrupted in-process run is the reference for the killed-and-resumed CLI runs.
 CLI = [sys.executable, "-c", "import torch; torch.set_num_threads(1); from llmquant.cli import main; main()"]
+KILL_SWITCH = [sys.executable, str(Path(__file__).with_name("kill_switch.py"))]
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -311,7 +315,7 @@ def test_killed_processes_resume_to_identical_bytes(cli_recipe, cli_reference, t
     was never interrupted."""
     out, work = tmp_path / "q", tmp_path / ".q.work"
     args = ("quantize", "-r", str(cli_recipe), "--output", str(out), "--quiet")
-    killed = cli(*args, env={KILL_ENV: "0"})
+    killed = subprocess.run([*KILL_SWITCH, "exit", "0", *args], capture_output=True, text=True, timeout=300, env=cli_env())
     assert killed.returncode == 137
     assert not out.exists() and (work / "layer-0000.safetensors").is_file() and (work / "hidden-0001.safetensors").is_file()
 
@@ -319,7 +323,7 @@ def test_killed_processes_resume_to_identical_bytes(cli_recipe, cli_reference, t
     assert refused.returncode == 2 and "pass --resume to continue it" in refused.stderr
     assert "Traceback" not in refused.stderr
 
-    process = subprocess.Popen([*CLI, *args, "--resume"], env={**cli_env(), PAUSE_ENV: "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([*KILL_SWITCH, "pause", "1", *args, "--resume"], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert any("paused after layer 1" in line for line in process.stderr)  # stops reading at the marker
         process.send_signal(signal.SIGKILL)

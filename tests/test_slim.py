@@ -13,11 +13,10 @@ import torch.nn.functional as F
 import yaml
 from pydantic import ValidationError
 
-from llmquant.core.bits.mixed import mixed_bits
+from llmquant.layouts.mixed import mixed_bits
 from llmquant.core.gptq import relative_output_error
 from llmquant.core.hessian import inverse_cholesky_upper
-from llmquant.core.layouts import check_tensors, decode
-from llmquant.errors import UserError
+from llmquant.layouts import check_tensors, decode
 from llmquant.methods import get_method_class
 from llmquant.methods import slim_sba
 from llmquant.methods.rtn import RTN, RTNConfig
@@ -336,10 +335,14 @@ def test_allocation_override_skips_the_search_and_reproduces():
     unbalanced = SliM(SliMConfig(bits=2, group_size=64, allocation={"layer": [3] * 8}))
     record = unbalanced.quantize("layer", weight.clone(), hessian.clone(), None)
     assert record.bits.code == 3.0  # reported as it is, not as the nominal N
-    with pytest.raises(UserError, match="7 groups given"):
-        SliM(SliMConfig(bits=2, group_size=64, allocation={"layer": [2] * 7})).quantize(
-            "layer", weight.clone(), hessian.clone(), None
-        )
+    short = SliM(SliMConfig(bits=2, group_size=64, allocation={"layer": [2] * 7}))
+    # Refused before any work (run_quantize turns this into a one-line UserError, exit 2) ...
+    with pytest.raises(ValueError, match="7 groups given, the linear has 8"):
+        short.check_linears({"layer": (16, 512), "other": (16, 64)})
+    short.check_linears({"other": (16, 512)})  # linears the allocation does not name are not its business
+    # ... and by quantize itself, for a caller that skipped the check.
+    with pytest.raises(ValueError, match="7 groups given"):
+        short.quantize("layer", weight.clone(), hessian.clone(), None)
 
 
 def test_every_group_is_asymmetric_even_before_the_first_n_bit_group():

@@ -1,4 +1,4 @@
-"""The GPTQ column loop with lazy-batch blocks (methods-spec 1.3), shared by every Hessian method.
+"""The GPTQ column loop with lazy-batch blocks (docs/methods-spec.md §1.3), shared by every Hessian method.
 
 A method supplies a `ColumnQuantizer` that says how one column (or, without inside-block
 propagation, one whole block) is quantized; the loop owns the error feedback. That is the only

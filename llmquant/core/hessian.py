@@ -1,7 +1,7 @@
 """Streaming Hessian accumulation and the inverse-Cholesky factor every method builds on.
 
 H = 2/N * sum_t x_t x_t^T over the N calibration *tokens* a linear saw. The GPTQ-family reference
-code divides by the number of *sequences* instead (methods-spec 1.1). The two differ by the constant
+code divides by the number of *sequences* instead (docs/methods-spec.md §1.1). The two differ by the constant
 factor seqlen, which changes nothing in GPTQ: damping is relative to mean(diag H), and the GPTQ
 update e * U[i, i:] / U_ii is invariant to scaling H. Dividing by tokens makes H independent of how
 the calibration set is cut into windows, and makes absolute constants (SliM-LLM's salience damping)

@@ -4,12 +4,14 @@ A backend receives a weight and its Hessian and returns a `QuantizedRecord`: the
 (what a fake-quant checkpoint stores), plus the codes and parameters it chose (what the packed
 writer stores), plus the three bit figures. Nothing else crosses the boundary.
 
-The tensor names and shapes of each layout are documented in `docs/format.md`; the layout name is
-the only thing the packed writer looks at, so a layout never needs to know which method made it.
+Each layout's tensors, meaning and bit figures live in `llmquant/layouts/` (and docs/format.md); the
+layout name is the only thing the packed writer looks at, so a layout never needs to know which
+method made it. Methods build records with `layouts.make_record`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,3 +64,16 @@ class QuantizedRecord:
     @property
     def numel(self) -> int:
         return self.dequantized.numel()
+
+
+def combine(figures: Iterable[tuple[BitFigures, int]]) -> BitFigures:
+    """Parameter-weighted mean of per-linear figures: [(figures, numel), ...]."""
+    total = paper = code = storage = 0.0
+    for fig, n in figures:
+        total += n
+        paper += fig.paper * n
+        code += fig.code * n
+        storage += fig.storage * n
+    if total == 0:
+        return BitFigures(0.0, 0.0, 0.0)
+    return BitFigures(paper / total, code / total, storage / total)

@@ -1,4 +1,4 @@
-"""The sequential layer-by-layer runner (methods-spec 1.6), method-agnostic.
+"""The sequential layer-by-layer runner, method-agnostic (the GPTQ reference's `llama_sequential`).
 
 1. Capture: every decoder layer's forward is swapped for a recorder and the calibration windows run
    through the model. Only the embeddings compute; the recorders keep layer 0's input hidden states
@@ -36,9 +36,9 @@ from torch import nn
 
 from llmquant.core.gptq import relative_output_error
 from llmquant.core.hessian import HessianAccumulator, record_damping
+from llmquant.core.method import Method, Observer
 from llmquant.core.record import QuantizedRecord
 from llmquant.errors import NumericalError
-from llmquant.methods.base import Method, Observer
 from llmquant.models.layer_maps import ResolvedLayers
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor) -> CapturedInputs:
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor) -> CapturedInputs:
     """Runs the windows through the embeddings only, recording what each decoder layer receives."""
     n_layers = len(layers)
     hidden: list[torch.Tensor] = []
@@ -208,7 +208,7 @@ class SequentialRunner:
         if windows is None:
             self._run_data_free(start, records, reports)
             return records, reports
-        captured = capture_inputs(self.model, layers, windows)
+        captured = capture_layer_inputs(self.model, layers, windows)
         inputs = captured.hidden.to(self.device)
         if resume is not None and start > 0:
             assert resume.inputs is not None
@@ -235,14 +235,27 @@ class SequentialRunner:
             for name, record in layer_records.items():
                 # The records keep the model's own (CPU) weight tensor, not the compute-device copy.
                 record.dequantized = layer.get_submodule(name.removeprefix(prefix)).weight.data
-            records.update(layer_records)
-            report = LayerReport(index, time.perf_counter() - begin, linear_reports)
-            reports.append(report)
-            if self.sink:
-                self.sink(report, layer_records, None if last else inputs)
-            if self.on_layer_done:
-                self.on_layer_done(report)
+            self._finish_layer(index, begin, linear_reports, layer_records, None if last else inputs, records, reports)
         return records, reports
+
+    def _finish_layer(
+        self,
+        index: int,
+        begin: float,
+        linear_reports: list[LinearReport],
+        layer_records: dict[str, QuantizedRecord],
+        next_inputs: torch.Tensor | None,
+        records: dict[str, QuantizedRecord],
+        reports: list[LayerReport],
+    ) -> None:
+        """The end of every layer, with or without data: collect, hand to the sink, report progress."""
+        records.update(layer_records)
+        report = LayerReport(index, time.perf_counter() - begin, linear_reports)
+        reports.append(report)
+        if self.sink:
+            self.sink(report, layer_records, next_inputs)
+        if self.on_layer_done:
+            self.on_layer_done(report)
 
     @torch.no_grad()
     def _run_data_free(self, start: int, records: dict[str, QuantizedRecord], reports: list[LayerReport]) -> None:
@@ -267,13 +280,7 @@ class SequentialRunner:
                         record.bits.as_dict(), record.stats,
                     )
                 )  # fmt: skip
-            records.update(layer_records)
-            report = LayerReport(index, time.perf_counter() - begin, linear_reports)
-            reports.append(report)
-            if self.sink:
-                self.sink(report, layer_records, None)
-            if self.on_layer_done:
-                self.on_layer_done(report)
+            self._finish_layer(index, begin, linear_reports, layer_records, None, records, reports)
 
     @torch.no_grad()
     def _forward(self, layer: nn.Module, inputs: torch.Tensor, kwargs: dict, returns_tuple: bool) -> torch.Tensor:
@@ -299,7 +306,7 @@ class SequentialRunner:
             acc = HessianAccumulator(first.in_features, self.device, self.hessian_dtype)
             accumulators[tuple(group)] = acc
             captures.append((first, acc.add_batch))
-        _capture_inputs(layer, inputs, kwargs, captures)
+        accumulate_linear_inputs(layer, inputs, kwargs, captures)
         hessians = {n: accumulators[tuple(g)].finalize(prefix + n) for g in groups for n in g}
         tokens = {n: accumulators[tuple(g)].tokens for g in groups for n in g}
         for group in groups:
@@ -381,10 +388,10 @@ def _feed(observer: Observer) -> Callable:
 
 
 @torch.no_grad()
-def _capture_inputs(
+def accumulate_linear_inputs(
     layer: nn.Module, inputs: torch.Tensor, kwargs: dict, captures: list[tuple[nn.Module, Callable[[torch.Tensor], None]]]
 ) -> None:
-    """Hands each module's input to its function, for every calibration sequence.
+    """Hands each module's input to its function (a Hessian accumulator), for every calibration sequence.
 
     Nothing after the last captured input is needed, so once every module has been seen the rest
     of the layer is skipped (in a LLaMA layer: the down_proj product and the residual add, a quarter

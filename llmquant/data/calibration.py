@@ -1,4 +1,4 @@
-"""Calibration windows, sampled exactly as the GPTQ-family reference code does (methods-spec 1.7).
+"""Calibration windows, sampled exactly as the GPTQ-family reference code does (docs/methods-spec.md §1.7).
 
 Stream corpora (WikiText-2, PTB, .txt): the split's rows joined with one space, tokenized once, then
 `nsamples` windows at offsets randint(0, tokens - seqlen - 1). Document corpora (C4, .jsonl): per
@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from llmquant.data.corpora import Corpus, load_corpus, text_sha256
 from llmquant.errors import UserError
-from llmquant.formats.safetensors_io import write_safetensors
+from llmquant.safetensors_io import write_safetensors
 
 CALIBRATION_FORMAT = "llmquant-calibration/1"
 

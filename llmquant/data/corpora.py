@@ -54,7 +54,7 @@ def text_sha256(text: str) -> str:
 
 def wikitext_rows_from_lines(text: str) -> list[str]:
     """Rows of the HF wikitext-2-raw-v1 dataset from the upstream file: a blank line " \\n" is the
-    empty row, any other line is its row including the newline (shared/data/README.md)."""
+    empty row, any other line is its row including the newline (the data README, `LLMQUANT_DATA`/README.md)."""
     lines = text.splitlines(keepends=True)
     return ["" if line == " \n" else line for line in lines]
 

@@ -1,4 +1,4 @@
-"""Evaluation token streams, exactly as the papers' evaluation code builds them (methods-spec 1.8).
+"""Evaluation token streams, exactly as the papers' evaluation code builds them (docs/methods-spec.md §1.8).
 
 wikitext2: test rows joined with "\\n\\n"; ptb: test sentences joined with " " (GPTQ's "ptb-new");
 c4: the first 1100 validation documents joined with " ", truncated to 256 windows (GPTQ's "c4-new").

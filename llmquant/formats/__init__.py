@@ -1,28 +1,8 @@
-"""Checkpoint formats (docs/format.md): bit packing, layout codecs, writers, reader, loader.
+"""Checkpoint formats (docs/format.md): the stored form of a linear (packers) and checkpoints
+(checkpoint: write, read, convert). The layouts' codecs are in llmquant/layouts/; loading a packed
+checkpoint into a runnable model is llmquant/runtime/loader.py."""
 
-The public functions are re-exported here lazily, so that importing the light modules (bitpack,
-packers, which runtime.qlinear needs) neither pulls in transformers nor closes the import cycle
-loader -> runtime.qlinear -> packers.
-"""
+from llmquant.formats.checkpoint import FORMATS, convert, is_packed_checkpoint, read_checkpoint, save_fake, save_packed
+from llmquant.formats.packers import PackedLinear
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "save_packed": "checkpoint",
-    "save_fake": "checkpoint",
-    "convert": "checkpoint",
-    "is_packed_checkpoint": "checkpoint",
-    "read_checkpoint": "checkpoint",
-    "load_quantized": "loader",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+__all__ = ["FORMATS", "PackedLinear", "convert", "is_packed_checkpoint", "read_checkpoint", "save_fake", "save_packed"]

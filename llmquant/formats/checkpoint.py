@@ -1,14 +1,14 @@
-"""Packed ("native") and fake-quant checkpoints: writing, reading and converting between them.
+"""Packed and fake-quant checkpoints: writing, reading and converting between them.
 
 The format is specified in docs/format.md. In short, both are a directory with config.json and
 model.safetensors:
 
-native  model.safetensors holds every non-quantized tensor in the model dtype plus, for each
+packed  model.safetensors holds every non-quantized tensor in the model dtype plus, for each
         quantized linear, its stored tensors as `<module>.<stored name>`; the safetensors header
         says how to unpack them (one JSON descriptor per linear), and config.json carries
         `quantization_config` (quant_method "llmquant").
 fake    a plain transformers checkpoint whose quantized linears hold the decoded weights, plus the
-        native stored tensors in the sidecar llmquant-records.safetensors so it can be re-packed.
+        packed stored tensors in the sidecar llmquant-records.safetensors so it can be re-packed.
 
 Only safetensors and JSON are read; nothing in a checkpoint is executed. Every problem with a
 user's file is raised as one UserError naming the file and what is wrong.
@@ -21,33 +21,36 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import PreTrainedModel
 
-from llmquant.core.bits import combine
-from llmquant.core.record import QuantizedRecord
+from llmquant.core.record import QuantizedRecord, combine
+from llmquant.devices import resolve_dtype
 from llmquant.errors import UserError
 from llmquant.formats import packers
 from llmquant.formats.packers import PackedLinear
-from llmquant.formats.safetensors_io import write_safetensors
 from llmquant.output import atomic_output_dir
+from llmquant.safetensors_io import write_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FORMAT_VERSION = 1
 QUANT_METHOD = "llmquant"
 CONFIG_FILE = "config.json"
+REPORT_FILE = "llmquant.json"  # what quantize measured (written next to the checkpoint, never read back by loaders)
 WEIGHTS_FILE = "model.safetensors"
 RECORDS_FILE = "llmquant-records.safetensors"  # the fake format's sidecar
 
-# Keys of the safetensors header (string -> string) of model.safetensors (native) / the sidecar.
+# Keys of the safetensors header (string -> string) of model.safetensors (packed) / the sidecar.
 HEADER_VERSION = "llmquant.format_version"
 HEADER_LINEARS = "llmquant.linears"  # JSON {module name: descriptor}
-HEADER_QUANTIZATION = "llmquant.quantization_config"  # sidecar only: the native quantization_config
+HEADER_QUANTIZATION = "llmquant.quantization_config"  # sidecar only: the packed quantization_config
 
-_FORMATS = ("native", "fake")
+FORMATS = ("packed", "fake")
 _WRITTEN_FILES = {CONFIG_FILE, WEIGHTS_FILE, RECORDS_FILE}
 
 
@@ -56,12 +59,12 @@ _WRITTEN_FILES = {CONFIG_FILE, WEIGHTS_FILE, RECORDS_FILE}
 
 
 def save_packed(
-    model: PreTrainedModel,
+    model: "PreTrainedModel",
     records: dict[str, QuantizedRecord],
     directory: str | Path,
     quantization_info: dict[str, Any],
 ) -> None:
-    """Write the native packed checkpoint (config.json, model.safetensors, generation_config.json)
+    """Write the packed checkpoint (config.json, model.safetensors, generation_config.json)
     into the existing `directory`. The quantized linears' own weights are ignored."""
     directory = Path(directory)
     packed = _pack_records(model, records)
@@ -75,13 +78,13 @@ def save_packed(
 
 
 def save_fake(
-    model: PreTrainedModel,
+    model: "PreTrainedModel",
     records: dict[str, QuantizedRecord],
     directory: str | Path,
     quantization_info: dict[str, Any] | None = None,
 ) -> None:
     """Write a plain transformers checkpoint whose quantized linears hold the decoded weights (in
-    the model dtype), plus the records' stored tensors in the sidecar for `convert(..., "native")`."""
+    the model dtype), plus the records' stored tensors in the sidecar for `convert(..., "packed")`."""
     directory = Path(directory)
     packed = _pack_records(model, records)
     tensors = _plain_tensors(model, skip={f"{name}.weight" for name in records})
@@ -163,7 +166,7 @@ def _quantization_config(records: dict[str, QuantizedRecord], info: dict[str, An
     }
 
 
-def _model_config(model: PreTrainedModel) -> dict[str, Any]:
+def _model_config(model: "PreTrainedModel") -> dict[str, Any]:
     """config.json contents as transformers' save_pretrained writes them, without any
     quantization_config (the caller adds llmquant's where it belongs)."""
     config = copy.deepcopy(model.config)
@@ -174,7 +177,7 @@ def _model_config(model: PreTrainedModel) -> dict[str, Any]:
     return json.loads(config.to_json_string())
 
 
-def _save_generation_config(model: PreTrainedModel, directory: Path) -> None:
+def _save_generation_config(model: "PreTrainedModel", directory: Path) -> None:
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(directory)
@@ -195,13 +198,13 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 @dataclass
 class Checkpoint:
-    """A native or fake llmquant checkpoint, read and validated.
+    """A packed or fake llmquant checkpoint, read and validated.
 
     config:       config.json without quantization_config.
-    quantization: the native quantization_config (for a fake checkpoint: the sidecar's copy).
+    quantization: the packed quantization_config (for a fake checkpoint: the sidecar's copy).
     plain:        every tensor that is not a quantized linear's weight, in the stored dtype.
     linears:      module name -> stored form of each quantized linear.
-    fmt:          "native" or "fake".
+    fmt:          "packed" or "fake".
     """
 
     config: dict[str, Any]
@@ -221,7 +224,7 @@ class Checkpoint:
 
 
 def is_packed_checkpoint(directory: str | Path) -> bool:
-    """True if `directory` holds a native llmquant checkpoint (judged by config.json alone; a
+    """True if `directory` holds a packed llmquant checkpoint (judged by config.json alone; a
     damaged config is not one, and the loader that runs next reports the damage)."""
     try:
         data = json.loads((Path(directory) / CONFIG_FILE).read_text())
@@ -231,14 +234,14 @@ def is_packed_checkpoint(directory: str | Path) -> bool:
     return isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD
 
 
-def read_checkpoint(directory: str | Path, native_only: bool = False) -> Checkpoint:
-    """Read a native checkpoint, or (unless native_only) a fake one with its sidecar; UserError for
+def read_checkpoint(directory: str | Path, packed_only: bool = False) -> Checkpoint:
+    """Read a packed checkpoint, or (unless packed_only) a fake one with its sidecar; UserError for
     anything else."""
     directory = Path(directory)
     config_path = directory / CONFIG_FILE
     config = _read_json(config_path)
     quantization = config.pop("quantization_config", None)
-    if quantization is None and native_only:
+    if quantization is None and packed_only:
         raise UserError(
             f"{config_path}: no llmquant quantization_config, so not a packed checkpoint (a plain or fake-quant "
             "one loads with transformers; `llmquant pack` turns a fake one with its records into a packed one)"
@@ -252,12 +255,12 @@ def read_checkpoint(directory: str | Path, native_only: bool = False) -> Checkpo
         tensors, header = _read_tensors(weights_path)
         linears = _take_linears(tensors, header, weights_path)
         _check_modules(quantization, linears, config_path)
-        return Checkpoint(config, quantization, tensors, linears, "native")
+        return Checkpoint(config, quantization, tensors, linears, "packed")
 
     records_path = directory / RECORDS_FILE
     if not records_path.is_file():
         raise UserError(
-            f"{directory}: a plain checkpoint without {RECORDS_FILE}; only llmquant checkpoints (native, "
+            f"{directory}: a plain checkpoint without {RECORDS_FILE}; only llmquant checkpoints (packed, "
             "or fake ones saved with their records) can be packed or loaded as packed"
         )
     stored, header = _read_tensors(records_path)
@@ -370,23 +373,24 @@ def _one_line(exc: BaseException) -> str:
 def convert(
     src_dir: str | Path, dst_dir: str | Path, fmt: str, dtype: torch.dtype | str | None = None, force: bool = False
 ) -> None:
-    """Rewrite an llmquant checkpoint as `fmt` ("native" or "fake") in `dst_dir`, optionally casting
+    """Rewrite an llmquant checkpoint as `fmt` ("packed" or "fake") in `dst_dir`, optionally casting
     the non-quantized tensors (and fake weights) to `dtype`. Every other file of the source
     (tokenizer, generation config, llmquant.json) is copied unchanged. `dst_dir` appears only when
     complete; an existing one is replaced only with `force`.
-    native -> fake always works; fake -> native needs the sidecar written by save_fake."""
-    if fmt not in _FORMATS:
-        raise UserError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(_FORMATS)}")
+    packed -> fake always works; fake -> packed needs the sidecar written by save_fake."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
     src, dst = Path(src_dir), Path(dst_dir)
     if src.resolve() == dst.resolve():
         raise UserError(f"{dst}: convert needs a destination different from its source")
     checkpoint = read_checkpoint(src)
-    target = resolve_dtype(dtype) or checkpoint.model_dtype
+    resolved = resolve_dtype(dtype)
+    target = resolved if isinstance(resolved, torch.dtype) else checkpoint.model_dtype
     config = dict(checkpoint.config)
     config["dtype"] = str(target).removeprefix("torch.")
     plain = {k: t.to(target) if t.is_floating_point() else t for k, t in checkpoint.plain.items()}
     with atomic_output_dir(dst, force) as partial:
-        if fmt == "native":
+        if fmt == "packed":
             plain.update(_stored_tensors(checkpoint.linears))
             _write_tensors(partial / WEIGHTS_FILE, plain, _header(checkpoint.linears))
             config["quantization_config"] = checkpoint.quantization
@@ -401,13 +405,3 @@ def convert(
             if path.is_file() and path.name not in _WRITTEN_FILES:
                 shutil.copy2(path, partial / path.name)
 
-
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """torch.float16 / "float16" / "fp16" / "bf16" / ... -> torch dtype; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-    name = aliases.get(dtype, dtype)
-    if name not in ("float16", "bfloat16", "float32"):
-        raise UserError(f"unsupported dtype {dtype!r}; choose float16, bfloat16 or float32")
-    return getattr(torch, name)

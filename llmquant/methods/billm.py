@@ -5,7 +5,7 @@ Per block of `blocksize` columns of the current (error-compensated) weights:
 1. search the number k of salient columns (top-k by column salience),
 2. search the break point p splitting the other weights into |x| < p and |x| >= p,
 3. binarize the weights: 2nd-order residual on the salient columns, 1st order on each split group,
-4. feed the block's error forward to the later columns (methods-spec 2.2, 2.6).
+4. feed the block's error forward to the later columns (docs/methods-spec.md §2.2, 2.6).
 `fidelity` chooses between the reference code's searches and the paper's; docs/methods/billm.md
 lists every difference.
 """
@@ -18,11 +18,11 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from llmquant.core.bits.binary_residual import binary_residual_bits
 from llmquant.core.gptq import ColumnQuantizer, CurrentColumns, gptq_loop
+from llmquant.core.groups import ceil_div
 from llmquant.core.hessian import prepare_factor
-from llmquant.core.layouts import decode
 from llmquant.core.record import QuantizedRecord
+from llmquant.layouts import decode, make_record
 from llmquant.methods.base import HessianMethodConfig, Method, register
 from llmquant.methods.binarize import Difference, LeadingColumns, SortedRows, binarize, residual_sse
 
@@ -244,7 +244,7 @@ class BinaryResidualQuantizer(ColumnQuantizer):
         self.cfg = cfg
         self.inverse_diag = inverse_diag
         self.blocksize = cfg.blocksize
-        blocks = -(-cols // cfg.blocksize)
+        blocks = ceil_div(cols, cfg.blocksize)
         self.salient_columns = torch.zeros(cols, dtype=torch.bool, device=device)
         self.sparse_mask = torch.zeros(rows, cols, dtype=torch.bool, device=device)
         self.signs = torch.zeros(rows, cols, dtype=torch.bool, device=device)
@@ -285,7 +285,6 @@ class BinaryResidualQuantizer(ColumnQuantizer):
         return decode("binary_residual", tensors, {"blocksize": end - start})
 
     def record(self, dequantized: torch.Tensor, loss: float) -> QuantizedRecord:
-        rows, cols = self.signs.shape
         tensors = {
             "salient_columns": self.salient_columns,
             "sparse_mask": self.sparse_mask,
@@ -294,11 +293,7 @@ class BinaryResidualQuantizer(ColumnQuantizer):
             "params": self.params.half(),
         }
         meta = {"blocksize": self.blocksize}
-        decoded = decode("binary_residual", tensors, meta)
-        assert torch.equal(decoded, dequantized), "binary_residual record does not decode to the loop's values"
-        bits = binary_residual_bits(rows, cols, self.blocksize, int(self.salient_columns.sum()))
-        stats = {**self._stats(), **bits.as_stats()}
-        return QuantizedRecord(decoded, "binary_residual", tensors, meta, bits.figures, loss, stats)
+        return make_record("binary_residual", tensors, meta, loss, self._stats(), expected=dequantized)
 
     def _stats(self) -> dict[str, object]:
         per_block = self.salient_columns.split(self.blocksize)
@@ -316,13 +311,12 @@ def _summary(values: torch.Tensor) -> dict[str, float]:
 
 
 @register
-class BiLLM(Method):
-    name = "billm"
+class BiLLM(Method[BiLLMConfig]):
     Config = BiLLMConfig
     layouts = ("binary_residual",)
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
-        cfg: BiLLMConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         W, H = weight.float(), hessian
         upper, _ = prepare_factor(W, H, cfg.percdamp, name)
         rows, cols = W.shape

@@ -1,6 +1,6 @@
 """Binarization primitives of the 1-bit methods (BiLLM; reusable by PB-LLM and others).
 
-Two views of the same operator, the residual binarizer R_o(x; M) (methods-spec 2.3):
+Two views of the same operator, the residual binarizer R_o(x; M) (docs/methods-spec.md §2.3):
 
 - `binarize`: the operator itself, explicit and masked. Per row (last dimension), over the row's
   masked entries, `order` times: mu = mean of the residual, alpha = mean |residual - mu|,

@@ -8,15 +8,11 @@ import torch
 from pydantic import Field, model_validator
 
 from llmquant.core.gptq import gptq_loop
+from llmquant.core.groups import check_group_size
 from llmquant.core.hessian import fix_dead_columns, inverse_cholesky_upper
 from llmquant.core.record import QuantizedRecord
 from llmquant.methods.base import HessianMethodConfig, Method, register
 from llmquant.methods.uniform_quantizer import UniformGroupQuantizer
-
-
-def check_group_size(group_size: int) -> None:
-    if group_size == 0 or group_size < -1:
-        raise ValueError("group_size must be -1 (one group per row) or a positive number of columns")
 
 
 class GPTQConfig(HessianMethodConfig):
@@ -34,13 +30,12 @@ class GPTQConfig(HessianMethodConfig):
 
 
 @register
-class GPTQ(Method):
-    name = "gptq"
+class GPTQ(Method[GPTQConfig]):
     Config = GPTQConfig
     layouts = ("uniform",)
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
-        cfg: GPTQConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         W, H = (weight, hessian) if weight.dtype == torch.float64 else (weight.float(), hessian)
         fix_dead_columns(W, H)
         rows, cols = W.shape
@@ -56,4 +51,4 @@ class GPTQ(Method):
             dtype=W.dtype,
         )
         result = gptq_loop(W[:, perm] if perm is not None else W, upper, quantizer, cfg.blocksize)
-        return quantizer.record(rows, result.loss)
+        return quantizer.record(result.loss)

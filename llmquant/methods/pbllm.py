@@ -3,7 +3,7 @@
 A fixed share of each weight matrix (the salient entries) is kept on a per-row `high_bit` min-max grid;
 every other entry is binarized to mu + alpha * sign(w - mu) with per-(row, group) alpha and mu. The
 mask and all quantizer parameters are fixed once from the original weight, then the full GPTQ loop
-quantizes column by column with that fixed mask (methods-spec 3.2). See docs/methods/pbllm.md.
+quantizes column by column with that fixed mask (docs/methods-spec.md §3.2). See docs/methods/pbllm.md.
 """
 
 from __future__ import annotations
@@ -14,15 +14,13 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from llmquant.core.bits.partial_binary import partial_binary_bits
 from llmquant.core.gptq import ColumnQuantizer, CurrentColumns, gptq_loop
-from llmquant.core.groups import group_sums
+from llmquant.core.groups import check_group_size, effective_group_size, group_sums
 from llmquant.core.hessian import prepare_factor
-from llmquant.core.layouts import decode
 from llmquant.core.record import QuantizedRecord
 from llmquant.core.uniform import dequantize_codes, minmax_params, quantize_codes
+from llmquant.layouts import make_record
 from llmquant.methods.base import HessianMethodConfig, Method, register
-from llmquant.methods.gptq import check_group_size
 
 
 class PBLLMConfig(HessianMethodConfig):
@@ -53,10 +51,6 @@ class PBLLMConfig(HessianMethodConfig):
         return self
 
 
-def effective_group_size(group_size: int, cols: int) -> int:
-    return cols if group_size == -1 or group_size >= cols else group_size
-
-
 def fit_high_quantizer(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row asymmetric min-max (scale, zero) over the whole row, fitted once (reference HighQuantizer).
 
@@ -66,7 +60,7 @@ def fit_high_quantizer(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
 
 
 def salience_scores(weight: torch.Tensor, upper: torch.Tensor, metric: str) -> torch.Tensor:
-    """|w| or the OBS cost w^2 / U_jj^2 of quantizing each entry first (methods-spec 1.5)."""
+    """|w| or the OBS cost w^2 / U_jj^2 of quantizing each entry first (docs/methods-spec.md §1.5)."""
     if metric == "magnitude":
         return weight.abs()
     diag = torch.diag(upper).to(weight.dtype)
@@ -155,7 +149,6 @@ class PartialBinaryQuantizer(ColumnQuantizer):
         return torch.where(salient, high, binary)
 
     def record(self, dequantized: torch.Tensor, loss: float, stats: dict) -> QuantizedRecord:
-        rows, cols = self.salient.shape
         tensors = {
             "salient_mask": self.salient,
             "signs": self.signs,
@@ -166,35 +159,24 @@ class PartialBinaryQuantizer(ColumnQuantizer):
             "mu": self.mu.half(),
         }
         meta = {"high_bit": self.high_bit, "group_size": self.group_size}
-        decoded = decode("partial_binary", tensors, meta)
         # Same fp16-rounded parameters and the same arithmetic as decode: the loop's values are exact.
-        assert torch.equal(decoded, dequantized), "partial_binary record does not decode to the loop's values"
-        salient_count = int(self.salient.sum())
-        bits = partial_binary_bits(rows, cols, salient_count, self.high_bit, self.group_size)
-        stats = {
-            **stats,
-            "salient_count": salient_count,
-            "salient_share": salient_count / (rows * cols),
-            **bits.as_stats(),
-        }
-        return QuantizedRecord(decoded, "partial_binary", tensors, meta, bits.figures, loss, stats)
+        return make_record("partial_binary", tensors, meta, loss, stats, expected=dequantized)
 
 
 @register
-class PBLLM(Method):
-    name = "pbllm"
+class PBLLM(Method[PBLLMConfig]):
     Config = PBLLMConfig
     layouts = ("partial_binary",)
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
-        cfg: PBLLMConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         W, H = weight.float(), hessian
-        upper, damp = prepare_factor(W, H, cfg.percdamp, name)
+        upper, _ = prepare_factor(W, H, cfg.percdamp, name)
         group_size = effective_group_size(cfg.group_size, W.shape[1])
         high_scale, high_zero = fit_high_quantizer(W, cfg.high_bit)
         salient = select_salient(salience_scores(W, upper, cfg.salient_metric), group_size, cfg.salient_fraction)
         alpha, mu = fit_binary_params(W, salient, group_size, cfg.stats_mode)
         quantizer = PartialBinaryQuantizer(salient, high_scale, high_zero, cfg.high_bit, alpha, mu, group_size)
         result = gptq_loop(W, upper, quantizer, cfg.blocksize, propagate_within_block=True)
-        stats = {"damp": damp, "salient_metric": cfg.salient_metric, "stats_mode": cfg.stats_mode}
+        stats = {"salient_metric": cfg.salient_metric, "stats_mode": cfg.stats_mode}
         return quantizer.record(result.dequantized, result.loss, stats)

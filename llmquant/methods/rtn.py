@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from llmquant.core.groups import check_group_size
 from llmquant.core.record import QuantizedRecord
-from llmquant.methods.base import MethodConfig, Method, register
-from llmquant.methods.gptq import check_group_size
+from llmquant.methods.base import Method, MethodConfig, register
 from llmquant.methods.uniform_quantizer import UniformGroupQuantizer
 
 
@@ -26,17 +26,16 @@ class RTNConfig(MethodConfig):
 
 
 @register
-class RTN(Method):
-    name = "rtn"
+class RTN(Method[RTNConfig]):
     Config = RTNConfig
     layouts = ("uniform",)
     needs_calibration = False
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
-        cfg: RTNConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         W = weight.float()
         rows, cols = W.shape
         quantizer = UniformGroupQuantizer(rows, cols, cfg.bits, cfg.group_size, cfg.sym, W.device)
         quantizer.quantize_block(0, cols, W)  # fills the quantizer's codes and parameters
         # No error feedback, so no OBS loss (and no data: the report has no output-error figure).
-        return quantizer.record(rows, loss=0.0)
+        return quantizer.record(loss=0.0)

@@ -15,12 +15,11 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from llmquant.core.bits.mixed import mixed_bits
-from llmquant.core.layouts import decode
+from llmquant.core.groups import ceil_div, check_group_size, effective_group_size
 from llmquant.core.record import QuantizedRecord
+from llmquant.layouts import make_record
 from llmquant.methods.base import Method, MethodConfig, register
 from llmquant.methods.binarize import binarize
-from llmquant.methods.gptq import check_group_size
 
 
 class SignConfig(MethodConfig):
@@ -34,18 +33,17 @@ class SignConfig(MethodConfig):
 
 
 @register
-class Sign(Method):
-    name = "sign"
+class Sign(Method[SignConfig]):
     Config = SignConfig
     layouts = ("mixed",)
     needs_calibration = False
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
-        cfg: SignConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         W = weight.float()
         rows, cols = W.shape
-        group_size = cols if cfg.group_size == -1 or cfg.group_size >= cols else cfg.group_size
-        groups = -(-cols // group_size)
+        group_size = effective_group_size(cfg.group_size, cols)
+        groups = ceil_div(cols, group_size)
         alpha = group_alpha(W, group_size)
         tensors = {
             "codes": (W >= 0).to(torch.uint8),
@@ -54,8 +52,7 @@ class Sign(Method):
             "zeros": torch.zeros(rows, groups, dtype=torch.float16, device=W.device),
         }
         meta = {"group_size": group_size, "target_bits": 1}
-        bits = mixed_bits(rows, cols, [1] * groups, group_size)
-        return QuantizedRecord(decode("mixed", tensors, meta), "mixed", tensors, meta, bits, loss=0.0)
+        return make_record("mixed", tensors, meta, loss=0.0)
 
 
 def group_alpha(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -13,22 +13,27 @@ that gets applied (the reference may score one ranking and apply another).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmquant.core.gptq import gptq_loop
+from llmquant.core.groups import ceil_div
 from llmquant.core.hessian import prepare_factor
 from llmquant.core.record import QuantizedRecord
-from llmquant.errors import UserError
 from llmquant.methods.base import Method, MethodConfig, Observer, register
 from llmquant.methods.slim_sba import SBAObserver, allocation_bits, pair_counts
 from llmquant.methods.slim_sqc import MixedGroupQuantizer, SQCSettings
 
 log = logging.getLogger(__name__)
+
+# Written next to every SliM-LLM checkpoint; a recipe's `allocation:` may name this file to reuse it.
+ALLOCATION_FILE = "allocation.json"
 
 
 class SliMConfig(MethodConfig):
@@ -46,8 +51,25 @@ class SliMConfig(MethodConfig):
         "reference", description="reference: pairs p >= 1 as the code; default: also p = 0 (uniform)"
     )
     allocation: dict[str, list[Annotated[int, Field(ge=1, le=8)]]] | None = Field(
-        None, description="linear name -> bits per group; skips the search for those linears"
+        None,
+        description="linear name -> bits per group, or the path of an allocation.json written by an earlier run; "
+        "skips the search for those linears",
     )
+
+    @field_validator("allocation", mode="before")
+    @classmethod
+    def _read_allocation_file(cls, value: Any) -> Any:
+        """A path to a saved allocation (allocation.json) -> its contents."""
+        if not isinstance(value, str):
+            return value
+        file = Path(value).expanduser()
+        if not file.is_file():
+            raise ValueError(f"file not found: {value}")
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"cannot read {value}: {error}") from None
+        return data.get("allocation", data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _check(self) -> "SliMConfig":
@@ -64,8 +86,7 @@ class SliMConfig(MethodConfig):
 
 
 @register
-class SliM(Method):
-    name = "slim"
+class SliM(Method[SliMConfig]):
     Config = SliMConfig
     layouts = ("mixed",)
 
@@ -73,8 +94,17 @@ class SliM(Method):
         super().__init__(config)
         self.chosen: dict[str, list[int]] = {}
 
+    def check_linears(self, shapes: dict[str, tuple[int, int]]) -> None:
+        """A recipe allocation must give every linear it names one width per group."""
+        cfg = self.config
+        for name, bits in sorted((cfg.allocation or {}).items()):
+            if name in shapes:
+                groups = ceil_div(shapes[name][1], cfg.group_size)
+                if len(bits) != groups:
+                    raise ValueError(f"slim allocation for {name}: {len(bits)} groups given, the linear has {groups}")
+
     def observer(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> Observer | None:
-        cfg: SliMConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         if cfg.allocation is not None and name in cfg.allocation:
             return None
         W, H = weight.float().clone(), hessian.clone()
@@ -83,7 +113,7 @@ class SliM(Method):
         return SBAObserver(W, torch.diag(upper), cfg.bits, cfg.group_size, max_pairs)
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
-        cfg: SliMConfig = self.config  # type: ignore[assignment]
+        cfg = self.config
         W, H = weight.float(), hessian
         upper, _ = prepare_factor(W, H, cfg.percdamp, name)
         group_bits, stats = self._allocate(name, W.shape[1], observer)
@@ -95,12 +125,12 @@ class SliM(Method):
 
     def _allocate(self, name: str, cols: int, observer: Observer | None) -> tuple[list[int], dict[str, Any]]:
         """Per-group bits: from the recipe's allocation, else the SBA search, else uniform N."""
-        cfg: SliMConfig = self.config  # type: ignore[assignment]
-        groups = -(-cols // cfg.group_size)
+        cfg = self.config
+        groups = ceil_div(cols, cfg.group_size)
         if cfg.allocation is not None and name in cfg.allocation:
             bits = list(cfg.allocation[name])
-            if len(bits) != groups:
-                raise UserError(f"slim allocation for {name}: {len(bits)} groups given, the linear has {groups}")
+            if len(bits) != groups:  # check_linears refuses this before the run; a direct caller gets it here
+                raise ValueError(f"slim allocation for {name}: {len(bits)} groups given, the linear has {groups}")
             return bits, {"allocation_source": "recipe"}
         if not isinstance(observer, SBAObserver) or observer.sequences == 0:
             log.warning("%s: no SBA observations; every group gets %d bits", name, cfg.bits)
@@ -122,3 +152,6 @@ class SliM(Method):
     def summary(self) -> dict[str, Any]:
         """The chosen allocation, {linear name: [bits per group]}, in the recipe's `allocation` shape."""
         return {"allocation": dict(self.chosen)}
+
+    def artifacts(self) -> dict[str, Any]:
+        return {ALLOCATION_FILE: {"allocation": dict(self.chosen)}}

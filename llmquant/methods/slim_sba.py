@@ -1,4 +1,4 @@
-"""SliM-LLM's salience-determined bit allocation (SBA, methods-spec 4.3).
+"""SliM-LLM's salience-determined bit allocation (SBA, docs/methods-spec.md §4.3).
 
 Groups are ranked by salience S_t = sum over the group of w^2 / U_jj^2. Candidate p gives the p
 least salient groups N-1 bits and the p most salient N+1 bits ("pairing"), every other group N.
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from llmquant.core.groups import group_sums
 from llmquant.core.uniform import fake_quantize, minmax_params
-from llmquant.methods.base import Observer
+from llmquant.core.method import Observer
 from llmquant.methods.slim_sqc import binary_codes, binary_dequantize, binary_params
 
 # Softmax probabilities are clamped here before the logarithm (reference value).

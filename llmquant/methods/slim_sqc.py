@@ -1,4 +1,4 @@
-"""SliM-LLM's group quantizers inside the GPTQ loop (methods-spec 4.4) and the `mixed` record.
+"""SliM-LLM's group quantizers inside the GPTQ loop (docs/methods-spec.md §4.4) and the `mixed` record.
 
 Every group is fitted once, when the loop reaches its first column, from the group's current
 (error-compensated) values:
@@ -9,7 +9,7 @@ Every group is fitted once, when the loop reaches its first column, from the gro
 Deviations from the reference code, on purpose:
 - Always asymmetric. The reference starts each layer with a symmetric zero point and only switches
   to asymmetric at the first N or N+1 group, so (N-1)-bit groups met before that get a shifted,
-  clipped grid (methods-spec 4.5). We do not reproduce that.
+  clipped grid (docs/methods-spec.md §4.5). We do not reproduce that.
 - sign(0) := +1 for the binarizer (the reference's torch.sign gives 0, i.e. w_hat = mu), because
   the packed 1-bit code has no zero.
 - A group without salience outliers has no salient entries; the reference crashes there (4.10).
@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from llmquant.core.bits.mixed import mixed_bits
 from llmquant.core.gptq import ColumnQuantizer, CurrentColumns
-from llmquant.core.layouts import decode
 from llmquant.core.record import QuantizedRecord
 from llmquant.core.uniform import dequantize_codes, minmax_params, quantize_codes
+from llmquant.layouts import make_record
 
 # Salient = at or above the smallest entry whose salience z-score exceeds this (reference value).
 SALIENCE_Z_THRESHOLD = 2.0
@@ -152,7 +151,6 @@ class MixedGroupQuantizer(ColumnQuantizer):
         return dequantized
 
     def record(self, dequantized: torch.Tensor, loss: float, target_bits: int, stats: dict[str, Any]) -> QuantizedRecord:
-        rows = dequantized.shape[0]
         tensors = {
             "codes": self.codes,
             "group_bits": torch.tensor(self.group_bits, dtype=torch.uint8, device=self.codes.device),
@@ -160,14 +158,4 @@ class MixedGroupQuantizer(ColumnQuantizer):
             "zeros": self.zeros.half(),
         }
         meta = {"group_size": self.group_size, "target_bits": target_bits}
-        decoded = decode("mixed", tensors, meta)
-        assert torch.equal(decoded, dequantized.to(decoded.device)), "mixed record does not decode to the loop's values"
-        return QuantizedRecord(
-            dequantized=decoded,
-            layout="mixed",
-            tensors=tensors,
-            meta=meta,
-            bits=mixed_bits(rows, self.cols, self.group_bits, self.group_size),
-            loss=loss,
-            stats=stats,
-        )
+        return make_record("mixed", tensors, meta, loss, stats, expected=dequantized)

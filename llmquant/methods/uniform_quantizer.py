@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from llmquant.core.bits.uniform import uniform_bits
 from llmquant.core.gptq import ColumnQuantizer, CurrentColumns
-from llmquant.core.layouts import decode
+from llmquant.core.groups import ceil_div, effective_group_size
 from llmquant.core.record import QuantizedRecord
 from llmquant.core.uniform import dequantize_codes, minmax_params, quantize_codes
+from llmquant.layouts import make_record
 
 
 class UniformGroupQuantizer(ColumnQuantizer):
@@ -33,8 +33,8 @@ class UniformGroupQuantizer(ColumnQuantizer):
         dtype: torch.dtype = torch.float32,
     ):
         self.bits, self.sym, self.cols = bits, sym, cols
-        self.group_size = cols if group_size in (-1, 0) or group_size >= cols else group_size
-        self.groups = -(-cols // self.group_size)
+        self.group_size = effective_group_size(group_size, cols)
+        self.groups = ceil_div(cols, self.group_size)
         self.perm = perm
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=device)
         self.scales = torch.zeros(rows, self.groups, dtype=dtype, device=device)
@@ -71,7 +71,7 @@ class UniformGroupQuantizer(ColumnQuantizer):
         self.codes[:, original] = codes.to(torch.uint8)
         return dequantize_codes(codes, scale, zero)
 
-    def record(self, rows: int, loss: float) -> QuantizedRecord:
+    def record(self, loss: float) -> QuantizedRecord:
         natural = torch.equal(self.g_idx, torch.arange(self.cols, dtype=torch.int32) // self.group_size)
         tensors = {"codes": self.codes, "scales": self.scales.half(), "zeros": self.zeros.to(torch.uint8)}
         if not natural:
@@ -79,11 +79,4 @@ class UniformGroupQuantizer(ColumnQuantizer):
         meta = {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
         # Decoding is the definition of the record; with the fp16-rounded scales it reproduces the
         # loop's float32 values exactly (tests/test_gptq.py checks this).
-        return QuantizedRecord(
-            dequantized=decode("uniform", tensors, meta),
-            layout="uniform",
-            tensors=tensors,
-            meta=meta,
-            bits=uniform_bits(rows, self.cols, self.bits, self.group_size, self.sym, has_g_idx=not natural),
-            loss=loss,
-        )
+        return make_record("uniform", tensors, meta, loss)

@@ -32,7 +32,7 @@ _LLAMA_LIKE = (
 class LayerMap:
     layers: str  # dotted path of the decoder-layer ModuleList
     input_groups: tuple[tuple[str, ...], ...] | None  # None: discover linears, one group each
-    keep: tuple[str, ...] = ()  # glob patterns (relative to a layer) never quantized
+    keep: tuple[str, ...] = ()  # glob patterns (relative to a layer) never quantized, e.g. MoE routers
 
 
 LAYER_MAPS: dict[str, LayerMap] = {
@@ -50,6 +50,10 @@ LAYER_MAPS: dict[str, LayerMap] = {
             ("fc2",),
         ),
     ),
+    # Mixture of experts (transformers 5 fuses the experts into one module that holds no nn.Linear):
+    # the router and the shared expert's one-output gate decide where tokens go; they stay in full
+    # precision, as in every MoE quantizer (GPTQModel's `:!`).
+    "qwen2_moe": LayerMap("model.layers", None, keep=("mlp.gate", "mlp.shared_expert_gate")),
     "gpt_neox": LayerMap(
         "gpt_neox.layers",
         (
@@ -69,10 +73,19 @@ class ResolvedLayers:
     path: str
     layers: nn.ModuleList
     groups: list[list[list[str]]]  # [layer][group] -> linear names relative to the layer
-    generic: bool
+    generic: bool  # no layer map for this model type: layers and linears were discovered
 
     def linear_names(self, index: int) -> list[str]:
         return [name for group in self.groups[index] for name in group]
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Every selected linear's full name -> (out_features, in_features)."""
+        out = {}
+        for index, layer in enumerate(self.layers):
+            for name in self.linear_names(index):
+                module = layer.get_submodule(name)
+                out[f"{self.path}.{index}.{name}"] = (module.out_features, module.in_features)
+        return out
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module | None:
@@ -112,7 +125,7 @@ def resolve_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> ResolvedLaye
     generic = not isinstance(layers, nn.ModuleList)
     if generic:
         path, layers = _discover_layers(model)
-        layer_map = LayerMap(path, None)
+        layer_map = LayerMap(path, None, layer_map.keep if layer_map else ())
     assert layer_map is not None and isinstance(layers, nn.ModuleList)
 
     groups: list[list[list[str]]] = []

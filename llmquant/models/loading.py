@@ -1,7 +1,10 @@
-"""Where a model comes from: a HF directory, a hub id, a .gguf file, or a built-in alias.
+"""Where a model comes from (a HF directory, a hub id, a .gguf file, or a built-in alias), and
+loading a full-precision one.
 
 GGUF files are read by transformers (`gguf_file=`) and dequantized into an ordinary model; llmquant
 then treats those weights as the full-precision baseline (protocol P1 does this with SmolLM2).
+Packed llmquant checkpoints are loaded by llmquant/runtime/loader.py, which also decides, for a
+model given by the user, which of the two loaders applies.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ class ModelSource:
 
     def describe(self) -> str:
         return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+    def files(self, suffixes: tuple[str, ...] = (".safetensors", ".bin", ".json", ".gguf")) -> list[Path]:
+        """The model's files on disk, sorted: the .gguf file, or a directory's files with these
+        suffixes (by default its weights and JSON files); none for a hub id."""
+        if self.kind == "gguf" and self.gguf_file:
+            return [Path(self.location) / self.gguf_file]
+        if self.kind == "dir":
+            return sorted(p for p in Path(self.location).iterdir() if p.is_file() and p.suffix in suffixes)
+        return []
 
 
 def _looks_local(spec: str) -> bool:
@@ -70,14 +82,6 @@ def check_model_spec(spec: str) -> None:
         raise ValueError(str(error)) from None
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float32 on CPU (half-precision matmuls there are slow and less accurate), the
-    checkpoint's own dtype elsewhere (resolved by transformers)."""
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else "auto"  # type: ignore[return-value]
-    return getattr(torch, name)
-
-
 def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
     """The float dtype the checkpoint's config.json declares. Read from the file, not from a loaded
     model: loading in another compute dtype (float32 on a CPU) rewrites model.config."""
@@ -102,15 +106,6 @@ def resolve_save_dtype(name: str, source: ModelSource) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     return checkpoint_dtype(source) or torch.float16
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available")
-    return device
 
 
 def load_tokenizer(spec: str):
@@ -152,20 +147,11 @@ def error_summary(error: BaseException) -> str:
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
-    """Returns (model, tokenizer, source). The model stays on the CPU; the runner moves one decoder
-    layer at a time to `device`."""
+def load_pretrained(source: ModelSource, dtype: torch.dtype | str):
+    """A full-precision (or fake-quant) causal LM from `source`, on the CPU, in `dtype` ("auto": the
+    checkpoint's own). Every problem with the files is one UserError."""
     from transformers import AutoModelForCausalLM
 
-    from llmquant.formats import is_packed_checkpoint
-
-    source = resolve_model_source(spec)
-    torch_dtype = resolve_dtype(dtype, resolve_device(device))
-    if source.kind == "dir" and is_packed_checkpoint(source.location):
-        from llmquant.formats import load_quantized  # packed checkpoints need llmquant's modules
-
-        model = load_quantized(source.location, dtype=None if torch_dtype == "auto" else torch_dtype)
-        return model, load_tokenizer(spec), source
     log.info("loading %s", source.describe())
     extra = {}
     if source.gguf_file:
@@ -178,7 +164,7 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
         extra["output_loading_info"] = True
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            source.location, gguf_file=source.gguf_file, dtype=torch_dtype, low_cpu_mem_usage=True, **extra
+            source.location, gguf_file=source.gguf_file, dtype=dtype, low_cpu_mem_usage=True, **extra
         )
     except model_load_errors() as error:
         raise UserError(f"cannot load model {source.describe()}: {error_summary(error)}") from None
@@ -200,4 +186,4 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto"):
             del model.config.quantization_config
     model.eval()
     model.config.use_cache = False
-    return model, load_tokenizer(spec), source
+    return model

@@ -1,13 +1,14 @@
 """QuantizedLinear: a linear layer that holds its packed tensors and dequantizes them on the fly.
 
 The module keeps exactly what the checkpoint stores for the linear (docs/format.md), as buffers
-named after the stored tensors, so a packed model occupies packed size in memory. Every forward
-unpacks and decodes the weight with the same `layouts.decode` that defines the record, casts it to
-the activations' dtype and multiplies; nothing is cached, so memory stays at the packed size.
+named after the stored tensors, so a packed model occupies packed size in memory.
 
 Backends are the seam for faster kernels: a backend is a function (module, x) -> y registered
 under a name; `module.backend` picks one per module (`set_backend` sets it for a whole model).
-"torch" is the pure-torch reference every other backend must agree with.
+"torch" is the pure-torch reference every other backend must agree with: every forward unpacks and
+decodes the weight with the layout's own `decode` (the record's definition), casts it to the
+activations' dtype and multiplies, caching nothing (packed memory). "torch-cached" keeps the
+decoded weight after the first forward: the same numbers at the memory of an unpacked model.
 
 Floating-point stored tensors (the fp16 scales and means) are held as integer views of their bits,
 because `model.half()` / `model.to(dtype)` convert every floating-point buffer and would silently

@@ -1,10 +1,13 @@
-"""load_quantized: a native checkpoint -> a transformers model whose quantized linears are
-QuantizedLinear modules holding the packed tensors (docs/format.md).
+"""Loading a model to run it: `load_model` takes anything a user names (a packed llmquant
+checkpoint, a fake-quant or plain HF directory, a hub id, a .gguf file, an alias) and returns the
+model, its tokenizer and its source; `load_quantized` is the packed path.
 
-The model is built from config.json with its parameters on the meta device, so no full-size random
-weights are ever allocated; the quantized linears are swapped for QuantizedLinear modules built
-straight from the stored tensors, then the remaining tensors are assigned and tied weights re-tied.
-transformers does not know quant_method "llmquant", so the quantization_config never reaches it.
+A packed checkpoint -> a transformers model whose quantized linears are QuantizedLinear modules
+holding the packed tensors (docs/format.md). The model is built from config.json with its parameters
+on the meta device, so no full-size random weights are ever allocated; the quantized linears are
+swapped for QuantizedLinear modules built straight from the stored tensors, then the remaining
+tensors are assigned and tied weights re-tied. transformers does not know quant_method "llmquant",
+so the quantization_config never reaches it.
 """
 
 from __future__ import annotations
@@ -17,22 +20,44 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from llmquant.devices import resolve_device, resolve_dtype
 from llmquant.errors import UserError
-from llmquant.formats.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, read_checkpoint, resolve_dtype
-from llmquant.models.loading import error_summary, model_load_errors
+from llmquant.formats.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, is_packed_checkpoint, read_checkpoint
+from llmquant.models.loading import (
+    ModelSource,
+    error_summary,
+    load_pretrained,
+    load_tokenizer,
+    model_load_errors,
+    resolve_model_source,
+)
 from llmquant.runtime.qlinear import QuantizedLinear
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
+def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[PreTrainedModel, object, ModelSource]:
+    """Any model a user names -> (model, tokenizer, source), the model on the CPU in `dtype`
+    ("auto": float32 when `device` is the CPU, else the checkpoint's own). A packed llmquant
+    checkpoint loads with its QuantizedLinear modules; everything else through transformers."""
+    source = resolve_model_source(spec)
+    torch_dtype = resolve_dtype(dtype, resolve_device(device))
+    if source.kind == "dir" and is_packed_checkpoint(source.location):
+        model = load_quantized(source.location, dtype=None if torch_dtype == "auto" else torch_dtype)
+    else:
+        model = load_pretrained(source, torch_dtype)
+    return model, load_tokenizer(spec), source
+
+
 def load_quantized(
     directory: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
 ) -> PreTrainedModel:
-    """Load a native llmquant checkpoint. dtype: of the non-quantized tensors and the compute
+    """Load a packed llmquant checkpoint. dtype: of the non-quantized tensors and the compute
     (default: the checkpoint's model dtype). Raises UserError for anything wrong with the files."""
     directory = Path(directory)
-    checkpoint = read_checkpoint(directory, native_only=True)
-    dtype = resolve_dtype(dtype) or checkpoint.model_dtype
+    checkpoint = read_checkpoint(directory, packed_only=True)
+    resolved = resolve_dtype(dtype)
+    dtype = resolved if isinstance(resolved, torch.dtype) else checkpoint.model_dtype
     model = _empty_model(checkpoint, dtype, directory / CONFIG_FILE)
     weights_path = directory / WEIGHTS_FILE
     _install_linears(model, checkpoint, dtype, weights_path)

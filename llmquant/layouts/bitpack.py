@@ -2,8 +2,8 @@
 
 The stream is the flattened (row-major) values, each written as `width` bits least-significant bit
 first, one after another with no padding between values; only the last byte is zero-padded. So
-`count` values of `width` bits take exactly ceil(count * width / 8) bytes, which is what the bit
-figures in `llmquant.core.bits` count, and 1-bit packing of a boolean mask is the same code path.
+`count` values of `width` bits take exactly ceil(count * width / 8) bytes, which is what the
+layouts' storage bit figures count, and 1-bit packing of a boolean mask is the same code path.
 
 Packing works on bit planes: expand each value into `width` 0/1 bytes, lay them out as one bit
 stream, and fold every 8 stream bits into a byte. The only Python loops run over bit positions
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import torch
 
+from llmquant.core.groups import ceil_div
+
 MAX_WIDTH = 32  # column indices of CSR salient lists need more than 8 bits
 
 
 def packed_nbytes(count: int, width: int) -> int:
     """Bytes that `count` values of `width` bits occupy in a packed stream."""
-    return -(-count * width // 8)
+    return ceil_div(count * width, 8)
 
 
 def _check_width(width: int) -> None:

@@ -1,0 +1,3 @@
+"""The version of llmquant (one place; pyproject.toml carries the same number)."""
+
+__version__ = "0.1.0"
