@@ -86,9 +86,13 @@ class BenchSettings:
     decode_prompt_tokens: int = 16
     warmup: int = 1
     repeats: int = 3
-    backend: str = "torch-cached"
+    # Packed linears: auto = the Triton kernels on CUDA, the packed PyTorch reference ("torch",
+    # packed memory) elsewhere; "torch-cached" decodes each weight once and keeps it (dense memory).
+    backend: str = "auto"
     dtype: str = "auto"
     load_warmup: bool = True  # load (and free) each model once before its measured load
+    static_cache: bool = False  # decode with a static KV cache and our own greedy loop (static_decode)
+    cuda_graphs: bool = False  # ... with the one-token step captured in a CUDA graph (implies static_cache)
 
     def check(self) -> None:
         for name in ("prompt_tokens", "new_tokens", "repeats"):
@@ -96,10 +100,10 @@ class BenchSettings:
                 raise UserError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise UserError(f"--warmup: must be 0 or more, got {self.warmup}")
-        from llmquant.runtime.qlinear import available_backends
+        from llmquant.runtime.qlinear import BACKEND_CHOICES, available_backends
 
-        if self.backend not in available_backends():
-            raise UserError(f"backend {self.backend!r}: expected one of {', '.join(available_backends())}")
+        if self.backend not in {*BACKEND_CHOICES, *available_backends()}:
+            raise UserError(f"--backend: expected one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -118,15 +122,11 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 def decoded_cache_bytes(model: nn.Module) -> int:
-    """Bytes of the weights the torch-cached backend has decoded and kept."""
+    """Bytes the backends of packed linears keep beside the stored tensors: the torch-cached
+    backend's decoded weights, the triton backend's index tables."""
     from llmquant.runtime.qlinear import QuantizedLinear
 
-    total = 0
-    for module in model.modules():
-        decoded = module.__dict__.get("_decoded") if isinstance(module, QuantizedLinear) else None
-        if decoded is not None:
-            total += decoded.nbytes
-    return total
+    return sum(t.nbytes for m in model.modules() if isinstance(m, QuantizedLinear) for t in m.cache_tensors())
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -199,6 +199,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.x names the KV-cache argument `cache` (and deprecates `past_key_values`)."""
+    import inspect
+
+    try:
+        return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     import inspect
 
@@ -251,6 +261,57 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, new_tokens: int, device:
     return stamps[-1] - stamps[0]
 
 
+@torch.inference_mode()
+def static_decode(
+    model: nn.Module, prompt: torch.Tensor, new_tokens: int, device: torch.device, graphs: bool
+) -> tuple[float, torch.Tensor]:
+    """Greedy decoding with a static KV cache: (seconds for `new_tokens` steps after the first
+    generated token, the generated ids [1, new_tokens + 1]).
+
+    With `graphs` (CUDA), the one-token step is captured once in a CUDA graph and replayed, so the
+    time is the GPU's, not Python's: what a serving engine does, and the only fair way to compare
+    low-bit kernels with cuBLAS at batch 1. The same loop runs the baseline and the packed model."""
+    from transformers import StaticCache
+
+    length = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=length + new_tokens + 2)
+    cache_arg = _cache_keyword(model)
+    positions = torch.arange(length, device=device)
+    logits = model(prompt, **{cache_arg: cache}, cache_position=positions, use_cache=True).logits
+    token = logits[:, -1:].argmax(-1)
+    generated = [token]
+    step_token, step_position = token.clone(), torch.tensor([length], device=device)
+
+    def step() -> torch.Tensor:
+        return model(step_token, **{cache_arg: cache}, cache_position=step_position, use_cache=True).logits
+
+    if graphs:
+        # Warm up on a side stream (first-use work: kernel compilation, index tables), then capture.
+        # The warm-up steps write the KV slot of position `length`, which the first replay rewrites.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_logits = step()
+        run = lambda: (graph.replay(), graph_logits)[1]  # noqa: E731
+    else:
+        run = step
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = run()
+        token = logits[:, -1:].argmax(-1)
+        generated.append(token)
+        step_token.copy_(token)
+        step_position += 1
+    _synchronize(device)
+    return time.perf_counter() - start, torch.cat(generated, dim=1)
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading and warming up each model, then the timing rounds
 
@@ -281,7 +342,7 @@ def _load(spec: str, settings: BenchSettings, device: torch.device):
 
     model, tokenizer, source = load_model(spec, settings.dtype, str(device))
     model.to(device)
-    packed_linears = set_backend(model, settings.backend)
+    packed_linears = set_backend(model, settings.backend)  # resolved by run_bench
     _synchronize(device)
     return model, tokenizer, source, packed_linears
 
@@ -371,7 +432,13 @@ def prepare(spec: str, settings: BenchSettings, device: torch.device, on_step: C
 def _warm_up(slot: _Slot, model: nn.Module, decode_steps: int, settings: BenchSettings, device: torch.device) -> None:
     """An unmeasured repetition: the full prefill and at most `decode_steps` decode steps."""
     time_prefill(model, slot.prompt, device)
-    time_decode(model, slot.decode_prompt, min(settings.new_tokens, decode_steps), device, slot.pad)
+    _decode(model, slot, min(settings.new_tokens, decode_steps), settings, device)
+
+
+def _decode(model: nn.Module, slot: _Slot, steps: int, settings: BenchSettings, device: torch.device) -> float:
+    if settings.static_cache or settings.cuda_graphs:
+        return static_decode(model, slot.decode_prompt, steps, device, graphs=settings.cuda_graphs)[0]
+    return time_decode(model, slot.decode_prompt, steps, device, slot.pad)
 
 
 def _model_of(slot: _Slot, settings: BenchSettings, device: torch.device) -> nn.Module:
@@ -388,7 +455,7 @@ def time_once(slot: _Slot, settings: BenchSettings, device: torch.device) -> Non
     model = _model_of(slot, settings, device)
     start = time.perf_counter()
     slot.prefill.append(time_prefill(model, slot.prompt, device))
-    slot.decode.append(time_decode(model, slot.decode_prompt, settings.new_tokens, device, slot.pad))
+    slot.decode.append(_decode(model, slot, settings.new_tokens, settings, device))
     slot.stamps.append((start + time.perf_counter()) / 2)
     if slot.model is None:
         del model
@@ -477,9 +544,16 @@ def run_bench(
     from llmquant.devices import resolve_device
     from llmquant.models.loading import resolve_model_source
 
+    from dataclasses import replace
+
+    from llmquant.runtime.qlinear import resolve_backend
+
     settings = settings or BenchSettings()
     settings.check()
     target = resolve_device(device)
+    if settings.cuda_graphs and target.type != "cuda":
+        raise UserError(f"--cuda-graphs: needs a CUDA device, the benchmark runs on {target}")
+    settings = replace(settings, backend=resolve_backend(settings.backend, target))
     step = on_step or (lambda _msg: None)
     specs = [*([baseline] if baseline else []), *models]
     for spec in specs:
@@ -571,8 +645,11 @@ def format_report(report: dict[str, Any]) -> list[str]:
         "speed ratios: median of each run over the baseline's at that moment",
     ]
     if any(m["packed_linears"] for m in [*([report["baseline"]] if report["baseline"] else []), *report["models"]]):
-        how = "decoded once, then kept in memory" if s["backend"] == "torch-cached" else "decoded on every forward"
-        lines.append(f"packed linears run with backend {s['backend']} ({how}; pure PyTorch, no low-bit kernel)")
+        from llmquant.runtime.qlinear import BACKEND_MEMORY
+
+        lines.append(f"packed linears run with backend {s['backend']} ({BACKEND_MEMORY.get(s['backend'], 'registered backend')})")
+    if s.get("static_cache") or s.get("cuda_graphs"):
+        lines.append("decode: static KV cache, greedy loop" + (", one-token step replayed as a CUDA graph" if s.get("cuda_graphs") else ""))
     base = report["baseline"]
     rows = [
         ("method", lambda r: r.get("method") or "—", None),

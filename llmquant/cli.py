@@ -221,9 +221,13 @@ def evaluate(
     device: Annotated[str, typer.Option()] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16, float32")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON on stdout")] = False,
-    packed_forward: Annotated[
-        bool, typer.Option("--packed-forward", help="decode packed weights on every forward (packed-size memory, slower)")
-    ] = False,
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="packed linears: auto (Triton kernels on CUDA; on a CPU torch-cached: each weight decoded once, "
+            "dense memory), torch (decode every forward, packed memory), torch-cached, triton"
+        ),
+    ] = "auto",
     kl: Annotated[
         bool, typer.Option("--kl", help="also KL divergence and top-1 agreement against --reference, same windows")
     ] = False,
@@ -256,7 +260,7 @@ def evaluate(
         data_dir=data_dir,
         device=device,
         dtype=dtype,
-        backend="torch" if packed_forward else "torch-cached",
+        backend=backend,
         reference=reference,
         reference_cache=reference_cache,
     )
@@ -305,8 +309,19 @@ def bench(
     new_tokens: Annotated[int, typer.Option(help="decode: greedy steps timed (batch 1, KV cache)")] = 128,
     warmup: Annotated[int, typer.Option(help="unmeasured repetitions first")] = 1,
     repeats: Annotated[int, typer.Option(help="measured repetitions (median, min, max reported)")] = 3,
-    packed_forward: Annotated[
-        bool, typer.Option("--packed-forward", help="packed linears decode on every forward (backend torch) instead of once")
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="packed linears: auto (Triton kernels on CUDA, else torch), torch (decode every forward, packed "
+            "memory), torch-cached (decode once, dense memory), triton"
+        ),
+    ] = "auto",
+    static_cache: Annotated[
+        bool, typer.Option("--static-cache", help="decode with a static KV cache and a plain greedy loop (both models)")
+    ] = False,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option("--cuda-graphs", help="with a static cache, replay each decode step as a CUDA graph (CUDA only)"),
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
     quiet: Quiet = False,
@@ -321,8 +336,10 @@ def bench(
         new_tokens=new_tokens,
         warmup=warmup,
         repeats=repeats,
-        backend="torch" if packed_forward else "torch-cached",
+        backend=backend,
         dtype=dtype,
+        static_cache=static_cache,
+        cuda_graphs=cuda_graphs,
     )
     report = run_bench(model, baseline, settings, device, on_step=None if quiet else log.info)
     if as_json:

@@ -107,3 +107,7 @@ def text_file(tmp_path) -> Path:
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without CUDA, Triton kernels run in Triton's CPU interpreter; it is chosen when triton is first
+# imported, so it must be set before any test imports a kernel module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -5,6 +5,7 @@ No timing assertions: timings depend on the machine. Tiny models, short prompts,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -51,7 +52,7 @@ def packed_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(packed_dir, tiny_llama_dir) -> dict:
-    return run_bench([str(packed_dir)], str(tiny_llama_dir), SMALL, "cpu")
+    return run_bench([str(packed_dir)], str(tiny_llama_dir), dataclasses.replace(SMALL, backend="torch-cached"), "cpu")
 
 
 def test_bench_report_fields_and_ratios(report, packed_dir, tiny_llama_dir):
@@ -136,6 +137,27 @@ def test_bench_without_baseline_and_per_forward_backend(packed_dir):
     (model,) = report["models"]
     assert report["baseline"] is None and model["ratios"] is None
     assert model["backend"] == "torch" and model["memory"]["decoded_cache_bytes"] == 0
+
+
+def test_the_default_on_a_cpu_keeps_packed_models_packed(packed_dir):
+    """backend auto on a CPU: the packed reference (decodes every forward, caches nothing)."""
+    settings = BenchSettings(prompt_tokens=16, new_tokens=2, decode_prompt_tokens=4, warmup=0, repeats=1, static_cache=True)
+    report = run_bench([str(packed_dir)], None, settings, "cpu")
+    (model,) = report["models"]
+    assert report["settings"]["backend"] == "torch" and model["backend"] == "torch"
+    assert model["memory"]["decoded_cache_bytes"] == 0 and model["decode"]["tokens"] == 2
+
+
+def test_static_decode_generates_what_generate_does():
+    from llmquant.bench import static_decode
+
+    model = tiny_model("llama", seed=3)
+    prompt = torch.randint(0, 250, (1, 9), generator=torch.Generator().manual_seed(0))
+    _, ids = static_decode(model, prompt, 12, torch.device("cpu"), graphs=False)
+    expected = model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=13, min_new_tokens=13, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(ids, expected[:, 9:])
 
 
 def test_kl_math_against_a_hand_computed_case():
@@ -288,7 +310,7 @@ def test_eval_kl_and_bench_cli(packed_dir, tiny_llama_dir, tmp_path, monkeypatch
         "--new-tokens", "2", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--quiet",
     )  # fmt: skip
     assert done.exit_code == 0, done.output
-    assert "decode tok/s" in done.stdout and "ratio" in done.stdout and "torch-cached" in done.stdout
+    assert "decode tok/s" in done.stdout and "ratio" in done.stdout and "backend torch (packed memory" in done.stdout
 
 
 @pytest.mark.parametrize(

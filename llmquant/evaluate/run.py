@@ -19,9 +19,6 @@ from llmquant.evaluate.reference import Reference, reference_key
 from llmquant.models.loading import ModelSource, checkpoint_dtype, load_tokenizer, resolve_model_source
 from llmquant.recipe import DEFAULT_PROTOCOL, get_protocol
 
-# How eval runs packed linears unless asked otherwise: each weight decoded once and kept (the
-# numbers are identical to decoding on every forward; only memory and speed differ).
-EVAL_BACKEND = "torch-cached"
 
 
 @dataclass(frozen=True)
@@ -33,7 +30,9 @@ class EvalSettings:
     data_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    backend: str = EVAL_BACKEND  # for packed linears
+    # Packed linears: "auto" = the Triton kernels on CUDA, else each weight decoded once and kept
+    # ("torch-cached": the same numbers as decoding every forward, at dense memory and dense speed).
+    backend: str = "auto"
     reference: str | None = None  # KL against this model (any --model form)
     reference_cache: str | Path | None = None
 
@@ -59,10 +58,10 @@ class EvalSettings:
         self.windows()
         if self.reference is not None:
             resolve_model_source(self.reference)  # a wrong path fails before anything loads
-        from llmquant.runtime.qlinear import available_backends
+        from llmquant.runtime.qlinear import BACKEND_CHOICES, available_backends
 
-        if self.backend not in available_backends():
-            raise UserError(f"backend {self.backend!r}: expected one of {', '.join(available_backends())}")
+        if self.backend not in {*BACKEND_CHOICES, *available_backends()}:
+            raise UserError(f"--backend: expected one of {', '.join(BACKEND_CHOICES)}, got {self.backend!r}")
 
 
 def load_dtype(name: str, device: torch.device, source: ModelSource) -> str:
@@ -88,18 +87,22 @@ def run_eval(
     """PPL of `model` on each dataset (and with `settings.reference`, KL and top-1 agreement against
     it, over the same windows). Returns {"model", "backend", "results": [one entry per dataset]}.
 
-    on_protocol(line) is called before each dataset is evaluated, progress(label, windows) returns the
-    per-window callback, on_result(entry) is called after each dataset."""
+    on_protocol(line) is called with the backend line (for a packed model) and before each dataset
+    is evaluated, progress(label, windows) returns the per-window callback, on_result(entry) is
+    called after each dataset."""
     from llmquant.data.streams import build_eval_stream
     from llmquant.runtime.loader import load_model
-    from llmquant.runtime.qlinear import set_backend
+    from llmquant.runtime.qlinear import BACKEND_MEMORY, resolve_backend, set_backend
 
     settings.check()
     seqlen, max_windows = settings.windows()
     target = resolve_device(settings.device)
+    backend = resolve_backend(settings.backend, target, dense_on_cpu=True)
     lm, tokenizer, source = load_model(model, settings.dtype, settings.device)
     lm.to(target)
-    packed = set_backend(lm, settings.backend)
+    packed = set_backend(lm, backend)
+    if packed and on_protocol:
+        on_protocol(f"packed linears: {packed}, backend {backend} ({BACKEND_MEMORY.get(backend, 'registered backend')})")
     ref_loader = ref_source = ref_dtype = None
     if settings.reference is not None:
         reference = settings.reference
@@ -117,7 +120,7 @@ def run_eval(
                 ref_lm = load_model(reference, settings.dtype, settings.device)[0].to(target)
                 if logits_width(ref_lm) != logits_width(lm):
                     raise other_vocabulary
-                set_backend(ref_lm, settings.backend)
+                set_backend(ref_lm, backend)
                 loaded.append(ref_lm)
             return loaded[0]
 
@@ -143,7 +146,7 @@ def run_eval(
         results.append(entry)
         if on_result:
             on_result(entry)
-    return {"model": source.describe(), "backend": settings.backend if packed else None, "results": results}
+    return {"model": source.describe(), "backend": backend if packed else None, "results": results}
 
 
 def _entry(stream, seqlen: int, result: PerplexityResult, ref_source: ModelSource | None) -> dict[str, Any]:

@@ -12,6 +12,8 @@ stream, and fold every 8 stream bits into a byte. The only Python loops run over
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from llmquant.core.groups import ceil_div
@@ -56,13 +58,51 @@ def pack(values: torch.Tensor, width: int) -> torch.Tensor:
 
 def unpack(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     """Inverse of `pack`: 1-D uint8 stream -> 1-D tensor of `count` values (uint8 for width <= 8,
-    int64 above). The stream must have exactly the length `pack` produces."""
+    int64 above). The stream must have exactly the length `pack` produces.
+
+    This runs on every forward of the `torch` backend, so it avoids per-bit passes: widths 1, 2 and 4
+    look each byte up in a 256-entry table; other widths read chunks of lcm(width, 8) bits, a whole
+    number of bytes and of values (3 bytes hold eight 3-bit values), combined into one integer of
+    which every value is a shift and a mask."""
     _check_width(width)
     if packed.dtype != torch.uint8 or packed.dim() != 1:
         raise ValueError(f"a packed stream is a 1-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
     expected = packed_nbytes(count, width)
     if packed.numel() != expected:
         raise ValueError(f"{count} values at {width} bits take {expected} bytes, found {packed.numel()}")
+    if width == 8:
+        return packed.clone()
+    if 8 % width == 0:  # widths 1, 2, 4: each byte holds 8 / width values; look them up
+        return _byte_table(width, packed.device).index_select(0, packed.int()).reshape(-1)[:count]
+    chunk_bits = width * 8 // math.gcd(width, 8)  # lcm(width, 8): whole bytes and whole values
+    if chunk_bits > 63:  # widths 9..32 other than 16, 24, 32 (only CSR column indices): bit by bit
+        return _unpack_bitwise(packed, width, count)
+    chunk_bytes, per_chunk = chunk_bits // 8, chunk_bits // width
+    chunks = -(-count // per_chunk)
+    data = torch.nn.functional.pad(packed, (0, chunks * chunk_bytes - packed.numel())).view(chunks, chunk_bytes)
+    container = torch.int32 if chunk_bits <= 31 else torch.int64
+    combined = data[:, 0].to(container)
+    for byte in range(1, chunk_bytes):
+        combined |= data[:, byte].to(container) << (8 * byte)
+    shifts = torch.arange(0, chunk_bits, width, dtype=container, device=packed.device)
+    values = (combined.unsqueeze(1) >> shifts) & ((1 << width) - 1)
+    return values.reshape(-1)[:count].to(_value_dtype(width))
+
+
+_TABLES: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _byte_table(width: int, device: torch.device) -> torch.Tensor:
+    """[256, 8 / width] uint8: the values a byte holds at `width` bits, least significant first."""
+    key = (width, str(device))
+    if key not in _TABLES:
+        shifts = torch.arange(0, 8, width, dtype=torch.uint8)
+        table = (torch.arange(256, dtype=torch.uint8).unsqueeze(1) >> shifts) & ((1 << width) - 1)
+        _TABLES[key] = table.contiguous().to(device)
+    return _TABLES[key]
+
+
+def _unpack_bitwise(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: count * width].reshape(count, width)
     dtype = _value_dtype(width)

@@ -39,7 +39,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[PreTrainedModel, object, ModelSource]:
     """Any model a user names -> (model, tokenizer, source), the model on the CPU in `dtype`
     ("auto": float32 when `device` is the CPU, else the checkpoint's own). A packed llmquant
-    checkpoint loads with its QuantizedLinear modules; everything else through transformers."""
+    checkpoint loads with its QuantizedLinear modules (backend "torch" until the caller chooses,
+    see qlinear.resolve_backend); everything else through transformers."""
     source = resolve_model_source(spec)
     torch_dtype = resolve_dtype(dtype, resolve_device(device))
     if source.kind == "dir" and is_packed_checkpoint(source.location):

@@ -176,7 +176,8 @@ def mask_from_csr(r: Reader, rows: int, cols: int) -> torch.Tensor:
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     if bool((counts < 0).any()):
         raise ValueError("salient_row_ends must be non-decreasing")
-    columns = r.bits("salient_cols", csr_index_width(cols), (int(ends[-1]),))
+    # int64: at 256 columns the indices come back as uint8, and `uint8 >= 256` compares with 0.
+    columns = r.bits("salient_cols", csr_index_width(cols), (int(ends[-1]),)).long()
     row_of = torch.repeat_interleave(torch.arange(rows, device=r.device), counts)
     # Strictly increasing columns within a row: no duplicates, and the entries come in the
     # row-major order in which the salient codes were written.
@@ -184,5 +185,5 @@ def mask_from_csr(r: Reader, rows: int, cols: int) -> torch.Tensor:
     if bool((columns >= cols).any()) or bool((same_row & (columns[1:] <= columns[:-1])).any()):
         raise ValueError("salient_cols must be increasing column numbers < cols within each row")
     mask = torch.zeros(rows, cols, dtype=torch.bool, device=r.device)
-    mask[row_of, columns.long()] = True
+    mask[row_of, columns] = True
     return mask

@@ -1,0 +1,173 @@
+"""What the layouts' Triton kernels share: one fused dequantize-and-multiply kernel, and the bit reader.
+
+y[M, N] = x[M, K] @ W[N, K]^T, where W is never materialised: the kernel walks K in tiles, asks the
+layout's `dequant` function for the float32 tile W[n, k] (n, k the tile's rows and columns of W, in
+W's row-major order, which is the order of every stored stream) straight from the packed tensors,
+and multiplies it with the activation tile on the tensor cores (`tl.dot`, float32 accumulation). Each layout supplies that one function and a `prepare` that says
+where its tensors are (llmquant/layouts/<layout>/kernels.py).
+
+Two launch shapes of the same kernel:
+- decode (M <= 16 tokens, a GEMV in all but name): 16-row activation tiles, K split across programs
+  (SPLIT_K partial sums in a float32 workspace, added in a fixed order: deterministic, no atomics),
+  so that a 4096-row matrix still spreads over every SM;
+- prefill (more tokens): 64/128-row tiles, no split; the dequantized tile stays in registers.
+
+Bit streams (codes, signs, flags, zero points) are read where they are stored: every stream of a
+QuantizedLinear lives in one uint8 blob, 16-byte aligned, which the kernel reads as 32-bit words
+(little-endian, so stream bit p is bit p % 32 of word p // 32, exactly the packed format's order).
+A value of `width` bits at bit offset p is (word[p >> 5] >> (p & 31)), completed from the next word
+when it straddles two. Neighbouring lanes read the same word, which the hardware serves once.
+
+Everything here is device code or its launcher; it imports triton, an optional extra
+(`pip install llmquant[gpu]`). On a CPU, tests run it through Triton's interpreter
+(TRITON_INTERPRET=1 before triton is imported).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass
+class KernelWeights:
+    """A prepared linear: the layout's dequant function, the arguments it reads (tensors on the
+    device and integers, passed to the kernel as one tuple), and its compile-time specialisation."""
+
+    dequant: Any  # a @triton.jit function (weights, rk, rn, K, N, SPEC) -> float32 [BLOCK_N, BLOCK_K]
+    weights: tuple
+    spec: int  # layout-specific compile-time constants, packed into one integer
+    rows: int
+    cols: int
+    extra: list[torch.Tensor] = field(default_factory=list)  # tensors made for the kernel (index tables)
+    block_k: int | None = None  # a K tile the layout's dequant relies on (partial_binary: its chunk)
+
+    def extra_tensors(self) -> list[torch.Tensor]:
+        return self.extra
+
+
+@triton.jit
+def read_bits(words, bit, width, mask):
+    """`width`-bit values (width <= 25: a python int or an int32 tensor shaped like `bit`) at the int64
+    bit offsets `bit` of a little-endian 32-bit word stream, as int32; 0 where `mask` is False.
+
+    (Written with `x * 0 + c` rather than tl.zeros_like/tl.full: the same code compiled, and in
+    Triton's interpreter every call of a library device function costs milliseconds.)"""
+    index = bit >> 5
+    shift = (bit & 31).to(tl.int32)
+    width_i = shift * 0 + width
+    low = tl.load(words + index, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    straddles = mask & (shift + width_i > 32)
+    high = tl.load(words + index + 1, mask=straddles, other=0).to(tl.uint32, bitcast=True)
+    # A shift by 32 is undefined: the high word only contributes when the value straddles two words.
+    high_part = tl.where(straddles, high << ((32 - shift) & 31).to(tl.uint32), high * 0)
+    value = (low >> shift.to(tl.uint32)) | high_part
+    ones = ((value * 0 + 1) << width_i.to(tl.uint32)) - 1
+    return (value & ones).to(tl.int32)
+
+
+@triton.jit
+def packed_matmul_kernel(
+    x_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    stride_os,
+    k_per_split,
+    weights,
+    DEQUANT: tl.constexpr,
+    SPEC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_end), other=0.0)
+        # [BLOCK_N, BLOCK_K]: W's own row-major order, so neighbouring lanes read neighbouring bits.
+        w = DEQUANT(weights, rk, rn, K, N, SPEC)
+        w = tl.where(rk[None, :] < k_end, w, 0.0)
+        if EMULATE_BF16:
+            # Triton's interpreter rounds float32 -> bfloat16 wrongly and multiplies bfloat16 tiles
+            # wrongly; round to nearest even by hand and multiply exactly in float32, which is what
+            # the tensor cores do with bfloat16 inputs and a float32 accumulator.
+            bits = w.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            acc = tl.dot(x.to(tl.float32), tl.trans(bits.to(tl.float32, bitcast=True)), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def interpreted() -> bool:
+    """Whether kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, for tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [m, k] x [k, n] product.
+
+    Fixed rules rather than autotuning (autotuning would make the first forward of every shape
+    slow and the choice machine-dependent): decode splits K until there are about four programs
+    per SM; prefill uses large tiles. benchmarks/kernels.py measures alternatives on a GPU."""
+    if m <= 16:
+        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 3
+        programs = -(-n // block_n)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        split = 1
+        while programs * split < 4 * sms and k // (split * 2) >= 4 * block_k:
+            split *= 2
+        return block_m, block_n, block_k, split, warps, stages
+    if m <= 64:
+        return 64, 128, 64, 1, 4, 3
+    return 128, 128, 64, 1, 8, 3
+
+
+def packed_matmul(
+    x: torch.Tensor, prepared: KernelWeights, bias: torch.Tensor | None, config: tuple[int, ...] | None = None
+) -> torch.Tensor:
+    """x [..., K] (fp16, bf16 or fp32) -> x @ W^T + bias [..., N] in x's dtype, from packed weights.
+    `config`: (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) instead of launch_config's."""
+    n, k = prepared.rows, prepared.cols
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    block_m, block_n, block_k, split, warps, stages = config or launch_config(m, n, k, x.device)
+    if prepared.block_k is not None:
+        block_k = prepared.block_k
+    k_per_split = -(-k // (split * block_k)) * block_k
+    split = -(-k // k_per_split)
+    out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    packed_matmul_kernel[grid](
+        x2, out, m, n, k, x2.stride(0), out.stride(1), out.stride(0), k_per_split, prepared.weights,
+        DEQUANT=prepared.dequant, SPEC=prepared.spec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x.dtype == torch.float32, EMULATE_BF16=x.dtype == torch.bfloat16 and interpreted(),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    y = out[0] if split == 1 else out.sum(dim=0)  # a fixed order of the partial sums: deterministic
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

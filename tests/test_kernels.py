@@ -1,0 +1,161 @@
+"""The Triton kernels of every layout against the pure-torch reference.
+
+On a machine without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by
+conftest.py before triton is imported): the same kernel source, executed block by block with numpy.
+Two features of the interpreter are wrong for bfloat16 (its float32 -> bfloat16 cast does not round
+to nearest even, and its bfloat16 tl.dot returns garbage); under the interpreter the kernel rounds
+the tile to bfloat16 by hand and multiplies in float32, which is what the tensor cores compute for
+bfloat16 inputs with a float32 accumulator. So the bf16 cases check the dequantization, the
+rounding and the accumulation; the hardware bf16 dot itself is exercised on a GPU only.
+
+The reference is F.linear(x, decode(record).to(dtype), bias) in the activations' dtype: the layout's
+definition, rounded to the dtype as a fake-quant checkpoint stores it. The kernel dequantizes with
+the same float32 arithmetic (so its tile, rounded to the dtype, is the reference's weight), then
+accumulates in float32 in another order and rounds once. The bound tested, per output:
+
+    |y - y_ref| <= ulp(dtype) * |y_ref| + 2 * K * 2^-24 * sum_k |x_k| |w_k|
+
+one unit in the last place of the result's dtype (the two float32 sums round to neighbouring values)
+plus twice the float32 accumulation bound of a K-term sum (both sides accumulate in float32).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from layout_cases import build
+from llmquant.formats import packers
+from llmquant.layouts import decode
+from llmquant.runtime import QuantizedLinear, set_backend
+
+if os.environ.get("CI") and not os.environ.get("LLMQUANT_ALLOW_NO_TRITON"):
+    import triton  # noqa: F401  (CI must run these tests: a missing triton fails here, loudly)
+triton = pytest.importorskip("triton", reason="triton is not installed: pip install 'llmquant[gpu]'")
+
+from llmquant.layouts.kernel_base import launch_config, packed_matmul  # noqa: E402
+from llmquant.runtime.kernels import prepared  # noqa: E402
+
+CASES = [
+    "uniform-2bit", "uniform-3bit", "uniform-4bit", "uniform-8bit", "uniform-3bit-sym", "uniform-4bit-g_idx",
+    "mixed-1to4", "mixed-1bit-only", "mixed-3bit-only", "mixed-2and8",
+    "partial_binary-8bit-0.02", "partial_binary-8bit-0.3", "partial_binary-3bit-0.02", "partial_binary-5bit-0.3",
+    "binary_residual", "binary_residual-none-salient", "binary_residual-all-salient",
+]  # fmt: skip
+# 257, 100, 7: not multiples of 32, of 8 or of any group size; 1 x 7: a group wider than the row.
+SHAPES = [(1, 7), (33, 100), (130, 257)]
+ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
+# Large tiles: the interpreter's cost is per tile, not per element. launch_config's own tiles
+# (16-row decode tiles with split K, 64/128-row prefill tiles) are tested at model scale below.
+INTERPRETER_TILES = {"decode": (16, 128, 256, 1, 4, 1), "prefill": (64, 128, 256, 1, 4, 1)}
+
+
+def module_of(case: str, rows: int, cols: int, seed: int = 0) -> tuple[QuantizedLinear, torch.Tensor]:
+    layout, tensors, meta, _, _ = build(case, rows, cols, seed)
+    return QuantizedLinear(packers.pack(layout, tensors, meta), bias=None), decode(layout, tensors, meta)
+
+
+def check(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    dtype = x.dtype
+    w = weight.to(dtype)
+    reference = F.linear(x, w, bias)
+    magnitude = x.float().abs() @ w.float().abs().T
+    bound = ULP[dtype] * reference.float().abs() + 2 * x.shape[-1] * 2.0**-24 * magnitude
+    if bias is not None:
+        bound += ULP[dtype] * bias.float().abs()
+    error = (y.float() - reference.float()).abs()
+    assert y.dtype == dtype and y.shape == reference.shape
+    assert bool((error <= bound).all()), f"max error {error.max():.3g}, bound there {bound.flatten()[error.argmax()]:.3g}"
+
+
+# fp16 at 1, 7 and 64 tokens on every shape; bf16 at 1 and 64 tokens on the smallest and the largest
+# shape (the interpreter's time is the limit; the dequantization is the same code for both dtypes).
+RUNS = [(shape, tokens, torch.float16) for shape in SHAPES for tokens in (1, 7, 64)]
+RUNS += [(shape, tokens, torch.bfloat16) for shape in (SHAPES[0], SHAPES[-1]) for tokens in (1, 64)]
+
+
+@pytest.mark.parametrize(("shape", "tokens", "dtype"), RUNS, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("case", CASES)
+def test_kernel_matches_the_reference(case, shape, tokens, dtype):
+    module, weight = module_of(case, *shape)
+    x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
+    tiles = INTERPRETER_TILES["decode" if tokens <= 16 else "prefill"]
+    check(packed_matmul(x, prepared(module), None, tiles), x, weight)
+
+
+@pytest.mark.parametrize(
+    ("case", "tokens"),
+    [("uniform-3bit", 1), ("uniform-4bit-g_idx", 64), ("mixed-1to4", 1), ("partial_binary-8bit-0.02", 1), ("binary_residual", 7)],
+)
+def test_kernel_at_model_scale_with_its_own_launch_configuration(case, tokens):
+    """576 x 1536 (SmolLM2's MLP): many row blocks; the decode shape splits K across programs."""
+    module, weight = module_of(case, 576, 1536)
+    config = launch_config(tokens, 576, 1536, torch.device("cpu"))
+    if tokens <= 16:
+        assert config[3] > 1  # the split-K path is what runs
+    x = torch.randn(tokens, 1536, generator=torch.Generator().manual_seed(1)).half()
+    check(packed_matmul(x, prepared(module), None), x, weight)
+
+
+def test_backend_through_the_module_with_bias_and_leading_dimensions():
+    module, weight = module_of("mixed-1to4", 40, 96)
+    bias = torch.randn(40).half()
+    module.bias = torch.nn.Parameter(bias, requires_grad=False)
+    set_backend(module, "triton")
+    x = torch.randn(2, 3, 96).half()
+    check(module(x).reshape(6, 40), x.reshape(6, 96), weight, bias)
+    assert module(x).shape == (2, 3, 40)
+
+
+def test_float32_activations_are_multiplied_in_full_precision():
+    module, weight = module_of("uniform-4bit", 24, 200)
+    x = torch.randn(5, 200)
+    y = packed_matmul(x, prepared(module), None, INTERPRETER_TILES["decode"])
+    torch.testing.assert_close(y, x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_preparing_keeps_the_module_at_packed_size():
+    """A CSR-indexed PB-LLM linear switches to the bitmap encoding of the same weight; the kernel's
+    tables are small; the reference path still decodes the same weight afterwards."""
+    for case, extra_bits_per_weight in (("partial_binary-8bit-0.02", 1.2), ("binary_residual", 0.1), ("mixed-1to4", 0.1)):
+        module, weight = module_of(case, 130, 257)
+        before = module.nbytes
+        prepared(module)
+        after = module.nbytes + sum(t.nbytes for t in module.cache_tensors())
+        assert after - before <= extra_bits_per_weight * 130 * 257 / 8 + 1024, case
+        assert torch.equal(module.dequantize(), weight), case
+    assert module_of("partial_binary-8bit-0.02", 130, 257)[0].encoding["index_format"] == "csr"  # stored as CSR
+
+
+def test_moving_or_switching_releases_what_the_kernel_prepared():
+    module, _ = module_of("binary_residual", 33, 100)
+    set_backend(module, "triton")
+    module(torch.randn(1, 100).half())
+    assert module.__dict__.get("_kernel") is not None
+    module.to(torch.float16)  # any _apply: the tables are rebuilt on the next forward
+    assert module.__dict__.get("_kernel") is None
+    module(torch.randn(1, 100).half())
+    set_backend(module, "torch")
+    assert module.__dict__.get("_kernel") is None
+
+
+def test_a_packed_model_runs_end_to_end_through_the_kernels(tmp_path):
+    """A tiny LLaMA quantized with every method's layout family, loaded packed, run with the
+    triton backend in float32: the logits equal the reference backend's to float32 accuracy."""
+    from test_format import quantize_tiny, tiny_llama
+
+    from llmquant.formats import save_packed
+    from llmquant.runtime import load_quantized
+
+    model = tiny_llama()
+    records = quantize_tiny(model)
+    save_packed(model, records, tmp_path, {})
+    loaded = load_quantized(tmp_path, dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    set_backend(loaded, "torch")
+    reference = loaded(ids).logits
+    assert set_backend(loaded, "triton") == len(records)
+    torch.testing.assert_close(loaded(ids).logits, reference, rtol=1e-4, atol=1e-4)
