@@ -3,8 +3,9 @@
 y[M, N] = x[M, K] @ W[N, K]^T, where W is never materialised: the kernel walks K in tiles, asks the
 layout's `dequant` function for the float32 tile W[n, k] (n, k the tile's rows and columns of W, in
 W's row-major order, which is the order of every stored stream) straight from the packed tensors,
-and multiplies it with the activation tile on the tensor cores (`tl.dot`, float32 accumulation). Each layout supplies that one function and a `prepare` that says
-where its tensors are (llmquant/layouts/<layout>/kernels.py).
+and multiplies it with the activation tile on the tensor cores (`tl.dot`, float32 accumulation).
+Each layout supplies that one device function (llmquant/layouts/<layout>/gpu.py, found by the
+layout's name) and a `prepare` that says where its tensors are (layouts/<layout>/kernels.py).
 
 Two launch shapes of the same kernel:
 - decode (M <= 16 tokens, a GEMV in all but name): 16-row activation tiles, K split across programs
@@ -25,30 +26,14 @@ Everything here is device code or its launcher; it imports triton, an optional e
 
 from __future__ import annotations
 
+import importlib
 import os
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-
-@dataclass
-class KernelWeights:
-    """A prepared linear: the layout's dequant function, the arguments it reads (tensors on the
-    device and integers, passed to the kernel as one tuple), and its compile-time specialisation."""
-
-    dequant: Any  # a @triton.jit function (weights, rk, rn, K, N, SPEC) -> float32 [BLOCK_N, BLOCK_K]
-    weights: tuple
-    spec: int  # layout-specific compile-time constants, packed into one integer
-    rows: int
-    cols: int
-    extra: list[torch.Tensor] = field(default_factory=list)  # tensors made for the kernel (index tables)
-    block_k: int | None = None  # a K tile the layout's dequant relies on (partial_binary: its chunk)
-
-    def extra_tensors(self) -> list[torch.Tensor]:
-        return self.extra
+from llmquant.layouts.kernel_weights import KernelWeights
 
 
 @triton.jit
@@ -163,7 +148,7 @@ def packed_matmul(
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
     packed_matmul_kernel[grid](
         x2, out, m, n, k, x2.stride(0), out.stride(1), out.stride(0), k_per_split, prepared.weights,
-        DEQUANT=prepared.dequant, SPEC=prepared.spec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        DEQUANT=importlib.import_module(f"llmquant.layouts.{prepared.layout}.gpu").dequant, SPEC=prepared.spec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         IEEE=x.dtype == torch.float32, EMULATE_BF16=x.dtype == torch.bfloat16 and interpreted(),
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

@@ -1,4 +1,5 @@
-"""The `triton` backend: a QuantizedLinear's forward through its layout's fused kernel.
+"""The `triton` backend: a QuantizedLinear's forward through its layout's fused kernel; and the
+preparation the `triton` and `cpu` backends share.
 
 The first forward on a device prepares the module (`prepare` in llmquant/layouts/<layout>/kernels.py:
 where its tensors are, small index tables; for PB-LLM's CSR index, a one-time switch to the bitmap
@@ -31,9 +32,6 @@ def prepared(module):
     """The module's KernelWeights for its current device, made on first use."""
     kernel = module.__dict__.get("_kernel")
     if kernel is None:
-        problem = triton_available()
-        if problem:
-            raise UserError(f"backend triton: {problem}")
         kernels = importlib.import_module(f"llmquant.layouts.{module.layout}.kernels")
         kernel = kernels.prepare(module)
         module.__dict__["_kernel"] = kernel  # not a buffer: rebuilt after a move (QuantizedLinear._apply)
@@ -41,6 +39,10 @@ def prepared(module):
 
 
 def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
+    if "_kernel" not in module.__dict__:
+        problem = triton_available()
+        if problem:
+            raise UserError(f"backend triton: {problem}")
     from llmquant.layouts.kernel_base import packed_matmul
 
     return packed_matmul(x, prepared(module), module.bias)

@@ -66,7 +66,21 @@ def triton_backend(module: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
     return packed_linear(module, x)
 
 
-_BACKENDS: dict[str, Backend] = {"torch": torch_backend, "torch-cached": cached_torch_backend, "triton": triton_backend}
+def cpu_backend(module: "QuantizedLinear", x: torch.Tensor) -> torch.Tensor:
+    """The layouts' C row decoders on the packed tensors (compiled on first use)."""
+    from llmquant.runtime.cpu_kernels import packed_linear
+
+    if x.device.type != "cpu":
+        raise ValueError(f"backend cpu runs on the CPU, the input is on {x.device}")
+    return packed_linear(module, x)
+
+
+_BACKENDS: dict[str, Backend] = {
+    "torch": torch_backend,
+    "torch-cached": cached_torch_backend,
+    "triton": triton_backend,
+    "cpu": cpu_backend,
+}
 
 
 def register_backend(name: str, backend: Backend) -> None:
@@ -80,20 +94,21 @@ def available_backends() -> list[str]:
     return sorted(_BACKENDS)
 
 
-BACKEND_CHOICES = ("auto", "torch", "torch-cached", "triton")
+BACKEND_CHOICES = ("auto", "torch", "torch-cached", "triton", "cpu")
 # What each backend costs in memory, for the lines the commands print.
 BACKEND_MEMORY = {
-    "torch": "packed memory: every forward decodes the weight, pure PyTorch",
+    "torch": "packed memory: every forward decodes the whole weight, pure PyTorch",
     "torch-cached": "dense memory: each weight decoded once and kept, pure PyTorch",
-    "triton": "packed memory: fused low-bit kernels",
+    "triton": "packed memory: fused low-bit GPU kernels",
+    "cpu": "packed memory: C kernels decode one weight row at a time",
 }
 
 
 def resolve_backend(name: str, device: torch.device, dense_on_cpu: bool = False) -> str:
     """`auto` -> the backend packed linears use on `device`: the Triton kernels on CUDA (when
-    triton is installed), else the packed reference ("torch"), or with `dense_on_cpu` the decoded
-    cache ("torch-cached": evaluation on a CPU, where decoding every forward would dominate).
-    Any other name must be a registered backend."""
+    triton is installed), the C kernels on a CPU (when they build), else the packed reference
+    ("torch"); with `dense_on_cpu`, the decoded cache on a CPU ("torch-cached": evaluation, where
+    the dense model's speed matters more than memory). Any other name must be a registered backend."""
     if name != "auto":
         _check_backend(name)
         return name
@@ -102,7 +117,27 @@ def resolve_backend(name: str, device: torch.device, dense_on_cpu: bool = False)
 
         if triton_available() is None:
             return "triton"
-    return "torch-cached" if dense_on_cpu else "torch"
+        return "torch"
+    if dense_on_cpu:
+        return "torch-cached"
+    from llmquant.runtime.cpu_kernels import cpu_available
+
+    problem = cpu_available()
+    if problem is None:
+        return "cpu"
+    _warn_once(f"{problem}; packed linears fall back to the pure-PyTorch backend (slow)")
+    return "torch"
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import logging
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger(__name__).warning(message)
 
 
 def _check_backend(name: str) -> None:

@@ -1,4 +1,4 @@
-"""Triton kernel support of the `partial_binary` layout (PB-LLM):
+"""Where the kernels find the tensors of the `partial_binary` layout (PB-LLM):
 
     W[n, k] = high_scale[n] * (code - high_zero[n])     where salient
     W[n, k] = mu[n, g] + alpha[n, g] * (2 sign - 1)      elsewhere
@@ -17,42 +17,13 @@ position minus the salient entries before it.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from llmquant.layouts import bitpack
 from llmquant.layouts.base import Reader
-from llmquant.layouts.kernel_base import KernelWeights, read_bits
+from llmquant.layouts.kernel_weights import KernelWeights
 from llmquant.layouts.partial_binary.layout import mask_from_csr
 
 CHUNK = 128  # columns per salient-count entry; the kernel's K tile for this layout
-
-
-@triton.jit
-def dequant_partial_binary(weights, rk, rn, K, N, SPEC: tl.constexpr):
-    words, mask_bit, signs_bit, codes_bit, zeros_bit, high_scales, alpha, mu, row_start, chunk_counts, chunks, group_size, groups = weights
-    HIGH_BIT: tl.constexpr = SPEC
-    valid = (rn[:, None] < N) & (rk[None, :] < K)
-    n = rn[:, None].to(tl.int64)
-    position = n * K + rk[None, :]
-    salient = read_bits(words, mask_bit + position, 1, valid)
-    before = tl.cumsum(salient, axis=1) - salient  # salient entries before k in this chunk
-    chunk = (rk // 128)[None, :]  # CHUNK; the K tile is one chunk
-    start = tl.load(row_start + n, mask=rn[:, None] < N, other=0) + tl.load(
-        chunk_counts + n * chunks + chunk, mask=valid, other=0
-    ).to(tl.int64)
-    rank = start + before.to(tl.int64)  # salient entries before (n, k), row-major
-    is_salient = salient == 1
-    code = read_bits(words, codes_bit + rank * HIGH_BIT, HIGH_BIT, valid & is_salient).to(tl.float32)
-    sign = read_bits(words, signs_bit + position - rank, 1, valid & ~is_salient).to(tl.float32)
-    high_zero = read_bits(words, zeros_bit + n * HIGH_BIT, HIGH_BIT, rn[:, None] < N).to(tl.float32)
-    high_scale = tl.load(high_scales + n, mask=rn[:, None] < N, other=0.0).to(tl.float32)
-    slot = n * groups + (rk // group_size)[None, :]
-    a = tl.load(alpha + slot, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(mu + slot, mask=valid, other=0.0).to(tl.float32)
-    # The decode's own arithmetic (layout.py).
-    w = tl.where(is_salient, high_scale * (code - high_zero), m + a * (sign * 2 - 1))
-    return tl.where(valid, w, 0.0)
 
 
 def to_bitmap(module) -> None:
@@ -102,6 +73,6 @@ def prepare(module) -> KernelWeights:
         -(-module.in_features // group_size),
     )
     return KernelWeights(
-        dequant_partial_binary, weights, meta["high_bit"], module.out_features, module.in_features,
+        "partial_binary", weights, meta["high_bit"], module.out_features, module.in_features,
         extra=[row_start, chunk_counts], block_k=CHUNK,
     )  # fmt: skip
