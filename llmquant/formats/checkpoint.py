@@ -310,7 +310,12 @@ def read_checkpoint(directory: str | Path, packed_only: bool = False) -> Checkpo
     quantization = _parse_json(header.get(HEADER_QUANTIZATION), f"{records_path}: header {HEADER_QUANTIZATION}")
     _check_modules(quantization, linears, records_path)
     weights_path = directory / WEIGHTS_FILE
-    plain, _ = _read_tensors(weights_path)
+    plain, weights_header = _read_tensors(weights_path)
+    binding = header.get(HEADER_WEIGHTS_CHECKSUM)
+    if binding is not None and CHECKSUMS_KEY in weights_header and weights_digest(weights_header) != binding:
+        # Another checkpoint's weights: said before comparing them with the records, which would
+        # only find that they differ. The full check (_verify, below) says the same of any mismatch.
+        _verify(weights_path, binding, records_path, f"header {HEADER_WEIGHTS_CHECKSUM}")
     for name, linear in linears.items():
         weight = plain.pop(f"{name}.weight", None)
         if weight is None or tuple(weight.shape) != linear.shape:
@@ -327,7 +332,6 @@ def read_checkpoint(directory: str | Path, packed_only: bool = False) -> Checkpo
                 f"{weights_path}: {name}.weight differs from its packed record in {RECORDS_FILE} "
                 "(edited or damaged after saving?); re-quantize instead of re-packing"
             )
-    binding = header.get(HEADER_WEIGHTS_CHECKSUM)
     if files[0]["checksums"] == "verified" or binding is not None:
         files.append(_verify(weights_path, binding, records_path, f"header {HEADER_WEIGHTS_CHECKSUM}"))
     else:
