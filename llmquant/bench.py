@@ -542,7 +542,7 @@ def run_bench(
     the baseline and then of every model, and a closing baseline repetition; speed ratios pair each
     repetition with the baseline's at the same moment (paired_ratios)."""
     from llmquant.devices import resolve_device
-    from llmquant.models.loading import resolve_model_source
+    from llmquant.models.loading import context_length, resolve_model_source
 
     from dataclasses import replace
 
@@ -556,8 +556,15 @@ def run_bench(
     settings = replace(settings, backend=resolve_backend(settings.backend, target))
     step = on_step or (lambda _msg: None)
     specs = [*([baseline] if baseline else []), *models]
+    longest = max(settings.prompt_tokens, min(settings.decode_prompt_tokens, settings.prompt_tokens) + settings.new_tokens + 1)
     for spec in specs:
-        resolve_model_source(spec)  # a wrong path fails before anything loads
+        source = resolve_model_source(spec)  # a wrong path fails before anything loads
+        limit = context_length(source)  # and so does a benchmark longer than the model's context
+        if limit is not None and longest > limit:
+            raise UserError(
+                f"{source.describe()}: the benchmark needs {longest} positions (--prompt-tokens {settings.prompt_tokens}, "
+                f"--new-tokens {settings.new_tokens}), the model has {limit}"
+            )
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(target),

@@ -1,7 +1,9 @@
 """The `llmquant` command line. Thin: parse, validate, call the library, print.
 
 Exit codes: 0 ok, 1 internal error (a bug), 2 invalid input, 3 numerical failure, 130 interrupted.
-Human-readable progress and logs go to stderr; results (and `--json`) go to stdout.
+Human-readable progress and logs go to stderr; results (and `--json`) go to stdout. Every failure,
+a usage error included, is one `error:` line. Every command takes --json and --quiet; those that
+read corpora take --data-dir.
 """
 
 from __future__ import annotations
@@ -28,7 +30,12 @@ log = logging.getLogger("llmquant")
 DataDir = Annotated[
     Optional[str], typer.Option("--data-dir", help="local corpora directory (default: $LLMQUANT_DATA, else the HF hub)")
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress, info logs or transformers' load reports; errors still print")]
+Json = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+Force = Annotated[
+    bool,
+    typer.Option("--force", help="replace an existing output, if llmquant wrote it (never a directory holding other files, never an input)"),
+]
 Protocol = Annotated[Optional[str], typer.Option("--protocol", help="p0 (papers: 128x2048) or p1 (CPU: 32x512 / 128x512 eval)")]
 Sets = Annotated[
     Optional[list[str]], typer.Option("--set", help="override any recipe field: --set method.fidelity=paper (repeatable)")
@@ -51,18 +58,16 @@ def _recipe_overrides(protocol: Optional[str], sets: Optional[list[str]], **flag
 
 
 def _parse_sets(items: list[str]) -> dict[str, object]:
-    """--set a.b=VALUE pairs; VALUE is read as YAML (so 3, 0.5, true, [0.9, 1.1] keep their types)."""
-    import yaml
+    """--set a.b=VALUE pairs; VALUE is read as YAML (so 3, 0.5, true, [0.9, 1.1] keep their types),
+    with the recipe's limits (no duplicate keys, no alias bombs)."""
+    from llmquant.recipe import safe_yaml
 
     parsed: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set: expected KEY=VALUE, got {item!r}")
-        try:
-            parsed[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise UserError(f"--set {key}: cannot parse value {value!r}") from None
+        parsed[key.strip()] = safe_yaml(value, f"--set {key.strip()}")
     return parsed
 
 
@@ -94,7 +99,11 @@ def quantize(
     fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (dequantized fp checkpoint)")] = "packed",
     force: Annotated[
         bool,
-        typer.Option("--force", help="replace an existing output directory; without --resume, also discard an unfinished run"),
+        typer.Option(
+            "--force",
+            help="replace an existing output directory if llmquant wrote it (never one holding other files, never "
+            "the input model); without --resume, also discard an unfinished run",
+        ),
     ] = False,
     resume: Annotated[
         bool,
@@ -172,33 +181,35 @@ def calibrate(
     model: Annotated[str, typer.Option(help="model whose tokenizer cuts the windows")],
     output: Annotated[Path, typer.Option(help="calibration file to write (.safetensors)")],
     dataset: Annotated[str, typer.Option(help="wikitext2 | ptb | c4 | a .txt/.jsonl file")] = "c4",
-    nsamples: Annotated[Optional[int], typer.Option()] = None,
-    seqlen: Annotated[Optional[int], typer.Option()] = None,
-    seed: Annotated[int, typer.Option()] = 0,
+    nsamples: Annotated[Optional[int], typer.Option(help="windows to sample (default 128, p1: 32)")] = None,
+    seqlen: Annotated[Optional[int], typer.Option(help="tokens per window (default 2048, p1: 512)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the window sampler")] = 0,
     protocol: Protocol = None,
     data_dir: DataDir = None,
-    force: Annotated[bool, typer.Option("--force")] = False,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    force: Force = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
     """Sample and save a seeded calibration set that `quantize` can reuse (calibration.dataset: FILE)."""
     from llmquant.data.calibration import build_calibration
     from llmquant.models.loading import load_tokenizer
+    from llmquant.output import check_output_path
     from llmquant.recipe import CalibrationConfig, get_protocol
+    from llmquant.safetensors_io import not_llmquant_file
 
     if output.suffix != ".safetensors":
         raise UserError(f"--output: must end in .safetensors, got {output}")
-    if output.exists() and not force:
-        raise UserError(f"output {output} already exists; pass --force to replace it")
     preset = get_protocol(protocol)
     try:
-        cfg = CalibrationConfig(
+        cfg = CalibrationConfig(  # 0 is a value, not "use the default"
             dataset=dataset,
-            nsamples=nsamples or (preset.nsamples if preset else 128),
-            seqlen=seqlen or (preset.seqlen if preset else 2048),
+            nsamples=nsamples if nsamples is not None else (preset.nsamples if preset else 128),
+            seqlen=seqlen if seqlen is not None else (preset.seqlen if preset else 2048),
             seed=seed,
         )
     except ValueError as error:
-        raise UserError(f"calibrate: {str(error).splitlines()[-1].strip()}") from None
+        raise UserError(f"calibrate: {_field_error(error)}") from None
+    check_output_path(output, force, inputs=[model, dataset], kind="file", ours=not_llmquant_file)
     tokenizer = load_tokenizer(model)
     calib = build_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -218,7 +229,7 @@ def evaluate(
     max_windows: Annotated[Optional[int], typer.Option(help="evaluate only the first N windows (p1: 128)")] = None,
     protocol: Protocol = None,
     data_dir: DataDir = None,
-    device: Annotated[str, typer.Option()] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float16, bfloat16, float32")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON on stdout")] = False,
     backend: Annotated[
@@ -354,12 +365,19 @@ def pack(
     model: Annotated[str, typer.Option(help="llmquant checkpoint directory")],
     output: Annotated[Path, typer.Option(help="directory to write")],
     fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (plain dequantized HF checkpoint)")],
-    dtype: Annotated[Optional[str], typer.Option(help="fake: weight dtype (float16, bfloat16, float32)")] = None,
-    force: Annotated[bool, typer.Option("--force")] = False,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="dtype of the unquantized tensors (and fake weights): float16, bfloat16, float32")
+    ] = None,
+    force: Force = False,
+    as_json: Json = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Re-encode a checkpoint: packed <-> fake-quant (see docs/format.md for the contract)."""
-    from llmquant.formats import FORMATS, convert
-    from llmquant.output import check_output_free
+    """Re-encode a checkpoint: packed <-> fake-quant (see docs/format.md for the contract).
+
+    The source is checked as strictly as loading it (checksums, structure, the model of its config.json, every
+    linear decoded); nothing is written from a broken one."""
+    from llmquant.formats import FORMATS
+    from llmquant.runtime.loader import pack_checkpoint
 
     if fmt not in FORMATS:
         raise UserError(f"--format: expected packed or fake, got {fmt!r}")
@@ -367,16 +385,56 @@ def pack(
         _check_flag("--dtype", lambda name: check_dtype(name, allow_auto=False), dtype)
     if not Path(model).is_dir():
         raise UserError(f"model directory not found: {model}")
-    check_output_free(output, force)
-    convert(model, output, fmt, dtype=dtype, force=force)
-    typer.echo(f"wrote {output} ({fmt})")
+    pack_checkpoint(model, output, fmt, dtype=dtype, force=force)
+    if as_json:
+        _print_json({"model": model, "output": str(output), "format": fmt})
+    else:
+        typer.echo(f"wrote {output} ({fmt})")
 
 
 @app.command()
-def methods() -> None:
+def verify(
+    checkpoint: Annotated[Path, typer.Argument(help="llmquant checkpoint directory (packed, or fake with its sidecar)")],
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Check a checkpoint's integrity; prints OK, or the first problem (exit 2).
+
+    Every tensor against its recorded checksum, the weights file against its config.json (or sidecar), the structure of every packed linear and the model of
+    config.json, every linear decoded."""
+    from llmquant.runtime.loader import verify_checkpoint
+
+    report = verify_checkpoint(checkpoint)
+    if as_json:
+        _print_json(report)
+    else:
+        typer.echo(
+            f"OK {checkpoint} ({report['format']}): {report['tensors']} tensors in {len(report['files'])} file(s), "
+            f"{report['bytes'] / 2**20:.1f} MiB, checksums verified, {report['linears']} packed linears decoded "
+            f"({report['seconds']:.2f}s)"
+        )
+
+
+@app.command()
+def methods(as_json: Json = False, quiet: Quiet = False) -> None:
     """List the quantization methods and their recipe fields."""
     from llmquant.methods import available_methods
 
+    if as_json:
+        _print_json(
+            {
+                name: {
+                    "layouts": list(cls.layouts),
+                    "fields": {
+                        field: {"default": info.default, "description": info.description}
+                        for field, info in cls.Config.model_fields.items()
+                        if field != "name"
+                    },
+                }
+                for name, cls in available_methods().items()
+            }
+        )
+        return
     for name, cls in available_methods().items():
         typer.echo(f"{name}  (layouts: {', '.join(cls.layouts)})")
         for field, info in cls.Config.model_fields.items():
@@ -391,6 +449,8 @@ def validate(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML")],
     protocol: Protocol = None,
     set_: Sets = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the resolved recipe is always printed as JSON")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Validate a recipe (with the same --protocol and --set overrides quantize takes) without loading
     anything; prints the resolved recipe as JSON."""
@@ -399,18 +459,51 @@ def validate(
     _print_json(load_recipe(recipe, _recipe_overrides(protocol, set_)).dump())
 
 
+def _field_error(error: Exception) -> str:
+    """A pydantic error of a flag-built config as `--flag: reason`."""
+    errors = error.errors() if hasattr(error, "errors") else []
+    if not errors:
+        return " ".join(str(error).split())
+    first = errors[0]
+    flag = "--" + "-".join(str(part) for part in first["loc"]).replace("_", "-")
+    return f"{flag}: {' '.join(first['msg'].removeprefix('Value error, ').split())}"
+
+
+def _click_exceptions():
+    try:
+        from typer._click import exceptions  # typer >= 0.2x vendors click
+    except ImportError:  # pragma: no cover - older typer: click itself
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
-    from llmquant.ui import setup_logging, stderr
+    from llmquant.ui import error_line, setup_logging, stderr
 
     setup_logging(quiet="--quiet" in sys.argv or "-q" in sys.argv)
+    clicks = _click_exceptions()
     try:
-        app()  # standalone: typer reports usage errors itself (exit 2)
+        code = app(standalone_mode=False)  # usage errors come back here, to be printed as one line
+    except clicks.NoArgsIsHelpError as error:
+        typer.echo(error.format_message(), err=True)
+        sys.exit(2)
+    except clicks.ClickException as error:  # unknown command or option, bad or missing value
+        error_line(error.format_message())
+        sys.exit(error.exit_code if error.exit_code else 2)
+    except typer.Abort:
+        stderr.print("interrupted")
+        sys.exit(130)
     except LLMQuantError as error:
-        stderr.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        error_line(error)
         sys.exit(error.exit_code)
+    except OSError as error:  # the machine refused (disk full, permissions, read-only): the user's to fix
+        where = f"{error.filename}: " if error.filename else ""
+        error_line(f"{where}{error.strerror or error}")
+        sys.exit(2)
     except KeyboardInterrupt:
         stderr.print("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,14 @@ from llmquant.formats import save_fake, save_packed
 from llmquant.formats.checkpoint import REPORT_FILE, is_packed_checkpoint
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import resolve_layers
-from llmquant.models.loading import load_pretrained, load_tokenizer, resolve_model_source, resolve_save_dtype
-from llmquant.output import atomic_output_dir, check_output_free
+from llmquant.models.loading import (  # noqa: F401 - check_finite_weights: quantize's check, used by tests from here
+    check_finite_weights,
+    load_pretrained,
+    load_tokenizer,
+    resolve_model_source,
+    resolve_save_dtype,
+)
+from llmquant.output import atomic_output_dir, check_output_path
 from llmquant.provenance import peak_memory, versions
 from llmquant.recipe import Recipe
 from llmquant.resume import WorkDir, check_work_dir
@@ -75,17 +81,6 @@ def write_checkpoint(model, tokenizer, records: dict[str, QuantizedRecord], dire
     tokenizer.save_pretrained(directory)
 
 
-def check_finite_weights(model, source: str) -> None:
-    """A NaN/Inf in the model to quantize is a broken input file (exit 2), not a numerical failure of
-    the quantizer; found here it is named, instead of surfacing as a NaN Hessian layers later."""
-    for name, tensor in model.state_dict().items():
-        if not tensor.is_floating_point() or tensor.is_meta:
-            continue
-        for chunk in tensor.detach().reshape(-1).split(1 << 24):  # bounded temporary memory
-            if not bool(torch.isfinite(chunk).all()):
-                raise UserError(f"model {source}: tensor {name} contains NaN/Inf")
-
-
 def check_calibration_ids(calibration: CalibrationSet, model) -> None:
     vocab = model.get_input_embeddings().num_embeddings
     windows = calibration.windows
@@ -94,6 +89,38 @@ def check_calibration_ids(calibration: CalibrationSet, model) -> None:
             f"calibration: token ids range over [{int(windows.min())}, {int(windows.max())}], "
             f"the model's vocabulary has {vocab} entries (a calibration file from another tokenizer?)"
         )
+
+
+def _local_path(spec: Any) -> Path | None:
+    """A model source's directory or file, or a calibration dataset's file; None for named ones."""
+    if hasattr(spec, "kind"):  # a ModelSource
+        if spec.kind == "dir":
+            return Path(spec.location)
+        return Path(spec.location) / spec.gguf_file if spec.gguf_file else None
+    return Path(spec) if isinstance(spec, str) and Path(spec).expanduser().exists() else None
+
+
+def resolve_calibration_file(recipe: Recipe) -> Recipe:
+    """A calibration .safetensors file fixes the windows: the recipe's nsamples/seqlen, when set
+    (in the recipe, by a flag or by --protocol), must be the file's, and when not set are taken from
+    it (and recorded so). Checked before the model loads; UserError otherwise."""
+    cal = recipe.calibration
+    if not cal.dataset.endswith(".safetensors"):
+        return recipe
+    windows = CalibrationSet.load(cal.dataset).windows
+    found = {"nsamples": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
+    for field, value in found.items():
+        asked = getattr(cal, field)
+        if field in cal.model_fields_set and asked != value:
+            raise UserError(
+                f"calibration.{field}: {asked}, but {cal.dataset} holds {found['nsamples']} x {found['seqlen']} windows "
+                f"(nsamples x seqlen); set calibration.{field} to {value} or leave it out"
+            )
+    if all(getattr(cal, field) == value for field, value in found.items()):
+        return recipe
+    log.info("calibration: %s holds %d x %d windows; using them", cal.dataset, found["nsamples"], found["seqlen"])
+    updated = cal.model_copy(update=found)
+    return recipe.model_copy(update={"calibration": updated})
 
 
 def run_quantize(
@@ -109,12 +136,17 @@ def run_quantize(
     directory next to the output (llmquant/resume.py); `resume` continues from there, `force`
     replaces an existing output and (without `resume`) discards an unfinished run's work directory.
     on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays."""
-    check_output_free(recipe.output, force)  # fail before anything expensive
+    # Everything that can fail cheaply fails before the model loads: the output (free, or replaceable
+    # with --force: llmquant's own and holding no input; writable), the work directory, the model's
+    # kind, a calibration file's windows.
+    source = resolve_model_source(recipe.model)
+    inputs = [path for path in (_local_path(source), _local_path(recipe.calibration.dataset)) if path is not None]
+    check_output_path(recipe.output, force, inputs)
     check_work_dir(recipe.output, resume, force)
     device = resolve_device(recipe.device)
-    source = resolve_model_source(recipe.model)
     if source.kind == "dir" and is_packed_checkpoint(source.location):
         raise UserError(f"model {recipe.model}: a packed llmquant checkpoint; quantize needs the full-precision model")
+    recipe = resolve_calibration_file(recipe)
     start = time.perf_counter()
     model = load_pretrained(source, resolve_dtype(recipe.dtype, device))  # on the CPU; the runner moves layers
     tokenizer = load_tokenizer(recipe.model)
@@ -172,7 +204,7 @@ def run_quantize(
         report["resumed_layers"] = restored
         if model.dtype != save_dtype:
             model.to(save_dtype)  # unquantized tensors only matter now; records keep their own precision
-        with atomic_output_dir(recipe.output, force) as tmp:
+        with atomic_output_dir(recipe.output, force, inputs) as tmp:
             writing = time.perf_counter()
             # The output path is left out so that the checkpoint's bytes do not depend on where it is written.
             info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe.settings()}

@@ -2,6 +2,12 @@
 
 Every problem is reported as one `UserError` line that names the recipe field, e.g.
     recipe.yaml: method.bits: Input should be less than or equal to 8
+
+YAML is parsed defensively (`safe_yaml`): a recipe is at most MAX_RECIPE_BYTES, a key may appear
+once per mapping (a second `method:` used to replace the first without a word), and anchors and
+aliases may not expand past MAX_YAML_NODES values (an alias "bomb" of nested anchors otherwise
+expands to billions of items before validation sees it). The expanded size is computed on the
+parsed node graph, where an alias is a reference, so the check itself is cheap.
 """
 
 from __future__ import annotations
@@ -21,6 +27,76 @@ from llmquant.errors import UserError
 from llmquant.methods import MethodConfig, available_methods, get_method_class
 
 NAMED_DATASETS = ("wikitext2", "ptb", "c4")
+
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; SliM allocations for a 70B model ~100 KB
+MAX_YAML_NODES = 1_000_000  # values after expanding aliases (scalars, lists, mappings)
+MAX_YAML_DEPTH = 100
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader whose documents are checked (duplicate keys, alias expansion, depth) before any
+    Python object is built from them."""
+
+
+def _check_node(node: yaml.Node, source: str) -> None:
+    """Duplicate keys and the expanded size of a composed YAML document; UserError."""
+    sizes: dict[int, int] = {}  # id(node) -> values it expands to (an alias is the node it names)
+    open_nodes: set[int] = set()  # the nodes being sized: meeting one again is a recursive alias
+
+    def size(current: yaml.Node, depth: int) -> int:
+        known = sizes.get(id(current))
+        if known is not None:
+            return known
+        if id(current) in open_nodes:
+            raise UserError(f"{source}: an alias refers to a value that contains it (line {current.start_mark.line + 1})")
+        if depth > MAX_YAML_DEPTH:
+            raise UserError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels")
+        open_nodes.add(id(current))
+        total = 1
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, value in current.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if (key.tag, key.value) in seen:
+                        line = key.start_mark.line + 1
+                        raise UserError(
+                            f"{source}: duplicate key {key.value!r} (line {line}; first on line {seen[(key.tag, key.value)]})"
+                        )
+                    seen[(key.tag, key.value)] = key.start_mark.line + 1
+                total += size(key, depth + 1) + size(value, depth + 1)
+        elif isinstance(current, yaml.SequenceNode):
+            for item in current.value:
+                total += size(item, depth + 1)
+        if total > MAX_YAML_NODES:
+            raise UserError(f"{source}: expands to more than {MAX_YAML_NODES:,} values (aliases of aliases?); refused")
+        open_nodes.discard(id(current))
+        sizes[id(current)] = total
+        return total
+
+    size(node, 0)
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """Parses YAML text like yaml.safe_load, refusing duplicate keys, alias expansion beyond
+    MAX_YAML_NODES values and nesting deeper than MAX_YAML_DEPTH (UserError naming `source`)."""
+    loader = None
+    try:
+        loader = _RecipeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_node(node, source)
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise UserError(f"{source}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{source}: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -163,14 +239,12 @@ def load_recipe(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     if not file.is_file():
         raise UserError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(file.read_text())
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise UserError(f"{path}: invalid YAML{where}: {problem}") from None
+        if file.stat().st_size > MAX_RECIPE_BYTES:
+            raise UserError(f"{path}: {file.stat().st_size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,}")
+        text = file.read_text()
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"{path}: cannot read: {error}") from None
+    data = safe_yaml(text, str(path))
     if data is None:
         raise UserError(f"{path}: the recipe is empty")
     return parse_recipe(apply_overrides(data, overrides or {}), source=str(path))

@@ -5,8 +5,9 @@
 # a multi-GB CUDA build:
 #   * a machine whose python3 already has a CUDA-enabled torch keeps it (the venv sees the system
 #     site-packages, and nothing installs another torch);
-#   * otherwise the CPU build torch==2.13.0+cpu: from a local wheel if pip is configured with one
-#     (find-links), else from PyTorch's CPU index.
+#   * otherwise the CPU build torch==2.13.0+cpu: through pip's configured index and find-links (a
+#     local wheel), else with PyTorch's CPU index added as an *extra* index: pip's configured index
+#     stays the registry (this script never replaces it).
 set -euo pipefail
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
@@ -19,10 +20,10 @@ else
   [ -d "$VENV" ] || "$PYTHON" -m venv "$VENV"
   if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     # The +cpu local version exists only as a local wheel (a pip find-links directory) or on
-    # PyTorch's CPU index, never on PyPI, so neither attempt can pull a CUDA build.
+    # PyTorch's CPU index, never on the general registry, so neither attempt can pull a CUDA build.
     "$VENV/bin/pip" install -q "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
       || "$VENV/bin/pip" install -q --retries 1 --timeout 20 "torch==${TORCH_VERSION}+cpu" \
-           --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+           --extra-index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 # With torch present, the project's `torch>=2.4` requirement installs nothing more.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,87 @@ def test_recipes_that_do_not_fit_the_model_fail_before_any_work(tmp_path, tiny_l
     assert llmquant("quantize", "--recipe", str(rtn), "--quiet").returncode == 0
     again = llmquant("quantize", "--recipe", str(rtn), "--model", str(tmp_path / "q"), "--output", str(tmp_path / "qq"))
     assert again.returncode == 2 and "a packed llmquant checkpoint; quantize needs the full-precision model" in again.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# One interface (issue #19 item 7)
+
+
+def test_every_command_takes_json_and_quiet_and_documents_every_flag():
+    import typer
+
+    from llmquant.cli import app
+
+    group = typer.main.get_command(app)
+    commands = group.commands
+    assert {"quantize", "calibrate", "eval", "bench", "pack", "verify", "methods", "validate"} <= set(commands)
+    for name, command in commands.items():
+        options = {opt for param in command.params for opt in getattr(param, "opts", [])}
+        assert {"--json", "--quiet"} <= options, name
+        for param in command.params:
+            assert (getattr(param, "help", None) or "").strip(), f"{name} {param.name}: no help text"
+    for name in ("quantize", "calibrate", "eval"):  # the commands that read corpora
+        assert "--data-dir" in {opt for param in commands[name].params for opt in getattr(param, "opts", [])}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval", "--modle", "x"], "No such option: --modle (Possible options: --model)"),
+        (["quantize", "--recipe"], "Option '--recipe' requires an argument."),
+        (["eval", "--model", "x", "--seqlen", "many"], "Invalid value for '--seqlen'"),
+        (["calibrate", "--model", "x", "--output", "c.safetensors", "--quiet", "--nsamples", "-"], "Invalid value for '--nsamples'"),
+    ],
+)
+def test_usage_errors_are_one_error_line(args, message):
+    done = llmquant(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+
+
+def test_quiet_silences_transformers_load_report_and_progress(tmp_path, tiny_llama_dir, text_file):
+    """A model with a tensor transformers does not expect: it prints a LOAD REPORT (a warning) unless --quiet."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, model)
+    tensors = load_file(str(model / "model.safetensors"))
+    tensors["model.extra.weight"] = torch.zeros(3)
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    args = ("eval", "--model", str(model), "--ppl", str(text_file), "--seqlen", "64", "--max-windows", "3")
+    loud, quiet = llmquant(*args), llmquant(*args, "--quiet")
+    assert loud.returncode == quiet.returncode == 0
+    assert "LOAD REPORT" in loud.stderr and "LOAD REPORT" not in quiet.stderr
+    assert quiet.stderr.strip() == ""
+
+
+def test_progress_reaches_logs_and_pipes_as_plain_lines(tmp_path, tiny_llama_dir, text_file):
+    done = llmquant("eval", "--model", str(tiny_llama_dir), "--ppl", str(text_file), "--seqlen", "64", "--max-windows", "40")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith(f"eval {text_file}: ")]
+    assert len(lines) >= 10 and lines[-1].startswith(f"eval {text_file}: 40/40 (100%)")  # every 5%, and at the end
+    assert "\x1b[" not in done.stderr and "━" not in done.stderr  # no terminal bar drawn into the log
+
+
+def test_bench_checks_the_context_before_loading(tiny_llama_dir):
+    done = llmquant("bench", "--model", str(tiny_llama_dir), "--prompt-tokens", "100000")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: {tiny_llama_dir}: the benchmark needs 100000 positions (--prompt-tokens 100000, --new-tokens 128), "
+        "the model has 512"
+    ]
+
+
+def test_pack_calibrate_methods_validate_speak_json_and_keep_quiet(recipe, tmp_path, tiny_llama_dir, text_file):
+    out = tmp_path / "q"
+    assert llmquant("quantize", "--recipe", str(recipe), "--output", str(out), "--quiet", "--set", "method.name=rtn").returncode == 0
+    packed = llmquant("pack", "--model", str(out), "--output", str(tmp_path / "f"), "--format", "fake", "--json", "--quiet")
+    assert packed.returncode == 0 and json.loads(packed.stdout)["format"] == "fake" and packed.stderr == ""
+    calib = llmquant(
+        "calibrate", "--model", str(tiny_llama_dir), "--dataset", str(text_file), "--nsamples", "2", "--seqlen", "16",
+        "--output", str(tmp_path / "c.safetensors"), "--quiet", "--json",
+    )
+    assert calib.returncode == 0 and json.loads(calib.stdout)["nsamples"] == 2
+    listed = json.loads(llmquant("methods", "--json").stdout)
+    assert listed["gptq"]["fields"]["bits"]["default"] == 4 and "uniform" in listed["gptq"]["layouts"]

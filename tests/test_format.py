@@ -359,15 +359,26 @@ def test_convert_both_ways(tiny, native_dir, fake_dir, tmp_path):
 
 
 def test_convert_replaces_an_existing_output_only_when_forced(native_dir, tmp_path):
+    # (issue #19 item 5: --force replaces only llmquant's own outputs; it used to replace any directory.)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    convert(native_dir, out, "packed")  # an earlier output of llmquant
     with pytest.raises(UserError, match="already exists"):
         convert(native_dir, out, "fake")
-    assert (out / "stale.txt").is_file()
+    assert not (out / RECORDS_FILE).exists()
     convert(native_dir, out, "fake", force=True)
-    assert not (out / "stale.txt").exists() and (out / RECORDS_FILE).is_file()
+    assert (out / RECORDS_FILE).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial directory left behind
+
+    (out / "notes.txt").write_text("mine")  # the user's file inside llmquant's output
+    with pytest.raises(UserError, match="replaces only llmquant's own outputs: it holds notes.txt"):
+        convert(native_dir, out, "packed", force=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "stale.txt").write_text("old")
+    with pytest.raises(UserError, match="has no valid llmquant-manifest.json"):
+        convert(native_dir, foreign, "fake", force=True)
+    assert (out / "notes.txt").is_file() and (foreign / "stale.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign", "out"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ checkpoints, calibration files and the model directory to quantize.
 The property is the same everywhere: whatever the input, the loader either succeeds or raises one
 UserError whose message is one line (the CLI prints it and exits 2) — never another exception (a
 traceback, exit 1). Damage that is detectable (NaN/Inf, wrong shapes or dtypes, truncation) must be
-detected; a flipped bit inside tensor data may legitimately load.
+detected; a changed byte inside tensor data is caught by the checksums (tests/test_integrity.py).
 """
 
 from __future__ import annotations

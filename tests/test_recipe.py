@@ -85,3 +85,73 @@ def test_cli_overrides_win(tmp_path, tiny_llama_dir, text_file):
     # An override is validated like the recipe itself.
     with pytest.raises(UserError, match="calibration.nsamples"):
         load_recipe(path, {"calibration.nsamples": -1})
+
+
+# --------------------------------------------------------------------------------------------------
+# Defensive YAML (issue #19 items 4 and 6): duplicate keys, alias bombs, size and depth limits
+
+
+def test_a_duplicate_key_is_refused_not_overridden(tmp_path, tiny_llama_dir):
+    # A second `method:` used to replace the first without a word (a gptq recipe became rtn).
+    text = base(tmp_path, tiny_llama_dir) + "method: {name: rtn, bits: 3}\n"
+    with pytest.raises(UserError, match=r"recipe.yaml: duplicate key 'method' \(line 4; first on line 2\)"):
+        load_recipe(write(tmp_path, text))
+    nested = base(tmp_path, tiny_llama_dir, method="{name: gptq, bits: 3, bits: 4}")
+    with pytest.raises(UserError, match="duplicate key 'bits'"):
+        load_recipe(write(tmp_path, nested))
+
+
+def test_anchors_and_merge_keys_still_work(tmp_path, tiny_llama_dir):
+    merged = f"model: {tiny_llama_dir}\noutput: {tmp_path / 'out'}\nmethod: &m {{name: gptq, bits: 3}}\nskip: [*m]\n"
+    with pytest.raises(UserError, match="skip.0: Input should be a valid string"):  # the alias expanded, then validated
+        load_recipe(write(tmp_path, merged))
+    text = (
+        f"model: {tiny_llama_dir}\noutput: {tmp_path / 'out'}\n"
+        "defaults: &gptq {name: gptq, bits: 3}\n"
+        "method: {<<: *gptq, bits: 4}\n"
+    )
+    with pytest.raises(UserError, match="defaults: unknown key"):
+        load_recipe(write(tmp_path, text))  # parsed (aliases and merges fine), then refused by the schema
+
+
+def test_an_alias_bomb_is_refused_before_it_expands(tmp_path, tiny_llama_dir):
+    import time
+
+    levels = ["  a: &a [x, x, x, x, x, x, x, x, x]"]
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        levels.append(f"  {name}: &{name} [{', '.join([f'*{previous}'] * 9)}]")
+    text = base(tmp_path, tiny_llama_dir) + "junk:\n" + "\n".join(levels) + "\n"  # 9^9 = 387M items
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"recipe.yaml: expands to more than 1,000,000 values"):
+        load_recipe(write(tmp_path, text))
+    assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: &a [*a]\n", "an alias refers to a value that contains it"),
+        ("x: " + "[" * 150 + "]" * 150 + "\n", "nested deeper than 100 levels"),
+    ],
+)
+def test_recursive_and_deep_yaml_is_one_user_error(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_a_recipe_larger_than_the_limit_is_refused_unread(tmp_path):
+    from llmquant.recipe import MAX_RECIPE_BYTES
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("# " + "x" * MAX_RECIPE_BYTES + "\n")
+    with pytest.raises(UserError, match="a recipe is at most 1,048,576"):
+        load_recipe(path)
+
+
+def test_set_values_get_the_same_limits(tmp_path, tiny_llama_dir):
+    from llmquant.cli import _parse_sets
+
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x]"] + ["*a"] * 8) + "]"
+    assert _parse_sets([f"skip={bomb}"])["skip"][1] == ["x"] * 9  # small aliases are fine
+    with pytest.raises(UserError, match="--set method: duplicate key 'bits'"):
+        _parse_sets(["method={bits: 3, bits: 4}"])

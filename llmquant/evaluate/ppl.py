@@ -19,6 +19,7 @@ The reference cache that makes repeated KL comparisons cheap is in reference.py.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.errors import NumericalError
 from llmquant.evaluate.reference import Reference, WindowStatistics, _HeadTap
 
 KL_CHUNK = 128  # positions per chunk of the KL computation (bounds its float32 temporaries)
@@ -139,6 +141,11 @@ def perplexity(
             logits = raw.float()
             # cross_entropy is exactly what the reference code computes; every path uses it for the PPL.
             nlls.append(F.cross_entropy(logits[0, :-1], targets, reduction="mean").item())
+            if not math.isfinite(nlls[-1]):
+                raise NumericalError(
+                    f"window {k + 1} of {n}: the loss is {nlls[-1]} (the logits hold NaN/Inf: a NaN/Inf weight, "
+                    f"or an overflow in {raw.dtype})"
+                )
             if save_as_reference is not None and tap is not None:
                 save_as_reference.record(window, raw, tap)
             if reference is not None:
@@ -168,13 +175,23 @@ def perplexity(
             kl_max=kl.max().item(),
             top1=torch.cat(agreement).double().mean().item(),
             positions=kl.numel(),
-            reference_ppl=math.exp(sum(ref_nlls) / n),
+            reference_ppl=perplexity_of(sum(ref_nlls) / n, "the reference's"),
             window_kl=[w.mean().item() for w in position_kl],
             reference_cache=reference.status,
             computed_from="statistics" if windows_from_statistics == n else "logits" if windows_from_statistics == 0 else "mixed",
         )
-    ppl = math.exp(sum(nlls) / n)  # = exp(sum(nll_k * seqlen) / (n * seqlen))
+    ppl = perplexity_of(sum(nlls) / n)  # = exp(sum(nll_k * seqlen) / (n * seqlen))
     return PerplexityResult(ppl, n, seqlen, n * seqlen, time.perf_counter() - start, nlls, divergence)
+
+
+def perplexity_of(mean_nll: float, whose: str = "the") -> float:
+    """exp(mean NLL); NumericalError where that is no number (NaN) or beyond a float (NLL > 709.78)."""
+    if not math.isfinite(mean_nll) or mean_nll > math.log(sys.float_info.max):
+        raise NumericalError(
+            f"{whose} mean NLL is {mean_nll:.6g} nats per token: its perplexity e^{mean_nll:.6g} is not a finite number "
+            "(a broken model, or logits that overflow)"
+        )
+    return math.exp(mean_nll)
 
 
 def _divergence_in_full(

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from llmquant.devices import check_device, check_dtype, resolve_device, resolve_dtype
-from llmquant.errors import UserError
+from llmquant.errors import NumericalError, UserError
 from llmquant.evaluate.ppl import PerplexityResult, perplexity, window_count
 from llmquant.evaluate.reference import Reference, reference_key
-from llmquant.models.loading import ModelSource, checkpoint_dtype, load_tokenizer, resolve_model_source
+from llmquant.models.loading import ModelSource, check_finite_weights, checkpoint_dtype, load_tokenizer, resolve_model_source
 from llmquant.recipe import DEFAULT_PROTOCOL, get_protocol
 
 
@@ -130,6 +130,7 @@ def run_eval(
         n = window_count(stream.ids.numel(), seqlen, max_windows)
         if n == 0:
             raise UserError(f"{dataset}: {stream.ids.numel()} tokens is less than one window of {seqlen}")
+        _check_vocabulary(stream.ids[: n * seqlen], lm, dataset, source)
         if on_protocol:
             on_protocol(stream.protocol_line(seqlen, n))
         ref = saving = None
@@ -139,7 +140,11 @@ def run_eval(
             own_dtype = load_dtype(settings.dtype, target, source)  # keyed as a later --reference run will key it
             saving = Reference(lm, settings.reference_cache, reference_key(source, stream.ids, seqlen, n, own_dtype, target))
         on_window = progress(f"eval {dataset}", n) if progress else None
-        result = perplexity(lm, stream.ids, seqlen, max_windows, target, on_window, ref, saving)
+        try:
+            result = perplexity(lm, stream.ids, seqlen, max_windows, target, on_window, ref, saving)
+        except NumericalError:
+            check_finite_weights(lm, source.describe())  # a NaN/Inf weight is the input's fault (exit 2), named
+            raise
         entry = _entry(stream, seqlen, result, ref_source)
         if saving is not None:
             entry["saved_reference_cache"] = str(saving.cache_path) if saving.status == "built" else None
@@ -147,6 +152,18 @@ def run_eval(
         if on_result:
             on_result(entry)
     return {"model": source.describe(), "backend": backend if packed else None, "results": results}
+
+
+def _check_vocabulary(ids: torch.Tensor, lm: nn.Module, dataset: str, source: ModelSource) -> None:
+    """Token ids beyond the model's embedding table (a tokenizer larger than the model's vocabulary)
+    would fail inside the forward; UserError before it."""
+    embeddings = lm.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+        raise UserError(
+            f"{dataset}: the tokenizer of {source.describe()} gives token id {int(ids.max())}, but the model's vocabulary "
+            f"has {vocab} entries (tokenizer and model do not match)"
+        )
 
 
 def _entry(stream, seqlen: int, result: PerplexityResult, ref_source: ModelSource | None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ stored bytes are what the layouts' storage bit figures count.
 
 Unpacking validates everything it reads (names, dtypes, sizes, ranges) and raises ValueError, so a
 damaged file is reported by the checkpoint reader instead of decoding into garbage; an element
-that a layout never reads (a sign at a salient position, say) comes back as 0/False.
+that a layout never reads (a sign at a salient position, say) comes back as 0/False. `check` makes
+the same checks without decoding (the checkpoint reader's, so loading never unpacks a linear).
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def pack(layout: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) ->
     # tensors that share storage.
     stored = {name: t.detach().to("cpu", copy=True).contiguous() for name, t in stored.items()}
     return PackedLinear(layout, (rows, cols), dict(meta), stored, encoding)
+
+
+def check(packed: PackedLinear) -> None:
+    """Raises ValueError for stored tensors `unpack` would refuse, without decoding the codes (the
+    layout's `check_stored`): what the checkpoint reader runs on every linear it loads."""
+    codec = get_layout(packed.layout)
+    rows, cols = packed.shape
+    codec.check_meta(packed.meta)
+    reader = Reader(packed.tensors)
+    codec.check_stored(reader, packed.meta, packed.encoding, rows, cols)
+    reader.finish()
 
 
 def unpack(packed: PackedLinear) -> dict[str, torch.Tensor]:

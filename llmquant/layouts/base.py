@@ -10,7 +10,9 @@ A layout is one way of storing a quantized linear (docs/format.md). Each layout 
   exactly, and the packed loader calls the same function, so a packed model reproduces the
   fake-quant model bit for bit;
 - `bit_figures` / `bit_stats`: its three bit figures (docs/bits.md) and the diagnostics behind them;
-- `pack` / `unpack`: the codec between a record's tensors and the tensors stored in a checkpoint.
+- `pack` / `unpack`: the codec between a record's tensors and the tensors stored in a checkpoint;
+- `check_stored`: what `unpack` would check of the stored tensors (names, dtypes, sizes, and the
+  index values a decode reads), without decoding the codes: what loading a checkpoint checks.
 
 Shapes: rows = out_features, cols = in_features; groups = ceil(cols / size) where size is the
 layout's group (or block) size; group g covers columns [g*size, min((g+1)*size, cols)).
@@ -83,6 +85,14 @@ class Reader:
         packed = self.raw(name, torch.uint8, (bitpack.packed_nbytes(count, width),))
         return bitpack.unpack(packed, width, count).reshape(shape)
 
+    def packed(self, name: str, width: int, count: int) -> torch.Tensor:
+        """A field of `count` values packed at `width` bits, checked for its size, not unpacked."""
+        return self.raw(name, torch.uint8, (bitpack.packed_nbytes(count, width),))
+
+    def ones(self, name: str, count: int) -> int:
+        """How many of the `count` values of a 1-bit field are set, without unpacking it."""
+        return bitpack.count_ones(self.packed(name, 1, count), count)
+
     def mask(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """A boolean field stored at 1 bit for every element of `shape`."""
         count = 1
@@ -138,6 +148,13 @@ class Layout:
     def unpack(
         self, reader: Reader, meta: dict[str, Any], encoding: dict[str, Any], rows: int, cols: int
     ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def check_stored(self, reader: Reader, meta: dict[str, Any], encoding: dict[str, Any], rows: int, cols: int) -> None:
+        """Raises ValueError exactly where `unpack` would, without decoding the codes: every stored
+        tensor's name, dtype and size (computed from the shape, meta, encoding and the small index
+        tensors), and the values that would send a decode out of range (group widths, column
+        indices, group numbers). Cost: the index tensors, never the codes."""
         raise NotImplementedError
 
     # ---- shared checks ------------------------------------------------------------------------

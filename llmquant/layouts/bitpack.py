@@ -112,6 +112,22 @@ def _unpack_bitwise(packed: torch.Tensor, width: int, count: int) -> torch.Tenso
     return values
 
 
+def count_ones(packed: torch.Tensor, count: int) -> int:
+    """The number of 1 bits among the first `count` bits of a 1-bit stream of the right length (the
+    values `unpack(packed, 1, count)` would hold that are 1), without unpacking it: a bytewise
+    popcount in uint8 arithmetic (temporaries of the stream's size, not 8x or 64x it)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != packed_nbytes(count, 1):
+        raise ValueError(f"{count} values at 1 bit take {packed_nbytes(count, 1)} bytes, found {tuple(packed.shape)}")
+    whole, rest = divmod(count, 8)
+    x = packed[:whole]
+    x = x - ((x >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    ones = int(((x + (x >> 4)) & 0x0F).sum()) if whole else 0
+    if rest:
+        ones += bin(int(packed[whole]) & ((1 << rest) - 1)).count("1")
+    return ones
+
+
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Boolean tensor -> 1 bit per element."""
     return pack(mask, 1)

@@ -99,6 +99,22 @@ def checkpoint_dtype(source: ModelSource) -> torch.dtype | None:
     return stored if stored in (torch.float16, torch.bfloat16, torch.float32) else None
 
 
+def context_length(source: ModelSource) -> int | None:
+    """The positions the model of `source` accepts (config max_position_embeddings), read from its
+    config alone (config.json, or a GGUF file's metadata), before any weight loads; None if unknown."""
+    if source.kind == "hub":
+        return None
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    except Exception:  # noqa: BLE001 - an unreadable config is reported by the loader that runs next
+        return None
+    config = getattr(config, "text_config", None) or config
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def resolve_save_dtype(name: str, source: ModelSource) -> torch.dtype:
     """The dtype unquantized tensors are written in. `auto` keeps the checkpoint's own dtype
     (computing in float32 on a CPU must not double the embeddings on disk); a GGUF file's
@@ -145,6 +161,17 @@ def error_summary(error: BaseException) -> str:
         return type(error).__name__
     # "Validation error for field 'x':" says what, the next line says why.
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+def check_finite_weights(model, source: str) -> None:
+    """A NaN/Inf in a model's weights is a broken input file (exit 2), not a numerical failure: quantize
+    checks before any work (instead of a NaN Hessian layers later), eval when a loss is not finite."""
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        for chunk in tensor.detach().reshape(-1).split(1 << 24):  # bounded temporary memory
+            if not bool(torch.isfinite(chunk).all()):
+                raise UserError(f"model {source}: tensor {name} contains NaN/Inf")
 
 
 def load_pretrained(source: ModelSource, dtype: torch.dtype | str):

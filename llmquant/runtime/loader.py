@@ -8,11 +8,20 @@ on the meta device, so no full-size random weights are ever allocated; the quant
 swapped for QuantizedLinear modules built straight from the stored tensors, then the remaining
 tensors are assigned and tied weights re-tied. transformers does not know quant_method "llmquant",
 so the quantization_config never reaches it.
+
+Loading never decodes a packed linear: the checkpoint reader checks structure and checksums
+(llmquant/formats/checkpoint.py), and each weight is decoded at its first forward. `check_loadable`
+runs the whole assembly on the meta device (what `pack` and `verify` check a checkpoint with).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import contextlib
+import dataclasses
+import time
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -22,7 +31,16 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from llmquant.devices import resolve_device, resolve_dtype
 from llmquant.errors import UserError
-from llmquant.formats.checkpoint import CONFIG_FILE, WEIGHTS_FILE, Checkpoint, is_packed_checkpoint, read_checkpoint
+from llmquant.formats import packers
+from llmquant.formats.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    convert,
+    is_packed_checkpoint,
+    read_checkpoint,
+    verify_weights,
+)
 from llmquant.models.loading import (
     ModelSource,
     error_summary,
@@ -46,6 +64,8 @@ def load_model(spec: str, dtype: str = "auto", device: str = "auto") -> tuple[Pr
     if source.kind == "dir" and is_packed_checkpoint(source.location):
         model = load_quantized(source.location, dtype=None if torch_dtype == "auto" else torch_dtype)
     else:
+        if source.kind == "dir":
+            verify_weights(source.location)  # an llmquant-written (fake) checkpoint: its checksums
         model = load_pretrained(source, torch_dtype)
     return model, load_tokenizer(spec), source
 
@@ -59,16 +79,75 @@ def load_quantized(
     checkpoint = read_checkpoint(directory, packed_only=True)
     resolved = resolve_dtype(dtype)
     dtype = resolved if isinstance(resolved, torch.dtype) else checkpoint.model_dtype
-    model = _empty_model(checkpoint, dtype, directory / CONFIG_FILE)
-    weights_path = directory / WEIGHTS_FILE
-    _install_linears(model, checkpoint, dtype, weights_path)
-    _load_plain(model, checkpoint.plain, dtype, weights_path)
+    model = build_model(checkpoint, dtype, directory)
     if (directory / GENERATION_CONFIG_FILE).is_file():
         try:
             model.generation_config = GenerationConfig.from_pretrained(directory)
         except (OSError, ValueError) as exc:
             raise UserError(f"{directory / GENERATION_CONFIG_FILE}: {' '.join(str(exc).split())}") from None
     return model.to(device).eval()
+
+
+def build_model(checkpoint: Checkpoint, dtype: torch.dtype, directory: Path) -> PreTrainedModel:
+    """The model of the checkpoint's config.json with its quantized linears swapped for
+    QuantizedLinear modules and every other tensor assigned (consumes `checkpoint.plain`'s biases).
+    UserError for anything that does not fit the config."""
+    model = _empty_model(checkpoint, dtype, directory / CONFIG_FILE)
+    weights_path = directory / WEIGHTS_FILE
+    _install_linears(model, checkpoint, dtype, weights_path)
+    _load_plain(model, checkpoint.plain, dtype, weights_path)
+    return model
+
+
+def check_loadable(checkpoint: Checkpoint, directory: Path) -> None:
+    """Everything `load_quantized` would check of a read checkpoint against the model its
+    config.json describes (module names and shapes, biases, every plain tensor's place, shape and
+    kind, nothing missing): the model is assembled around the tensors already read and dropped."""
+    build_model(dataclasses.replace(checkpoint, plain=dict(checkpoint.plain)), checkpoint.model_dtype, directory)
+
+
+def pack_checkpoint(
+    src: str | Path, dst: str | Path, fmt: str, dtype: torch.dtype | str | None = None, force: bool = False
+) -> None:
+    """`llmquant pack`: convert (llmquant/formats) with the source checked as strictly as loading it
+    would be, so that a checkpoint that would not load is never written."""
+    convert(src, dst, fmt, dtype=dtype, force=force, check=check_loadable)
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """`llmquant verify`: every check a load makes (structure, checksums, the binding of the weights
+    to config.json or the sidecar, the model of config.json), plus every linear decoded. Returns a
+    JSON-able report; UserError naming the file and tensor at the first problem, and for a
+    checkpoint without checksums (nothing to verify its bytes against)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"checkpoint directory not found: {directory}")
+    start = time.perf_counter()
+    checkpoint = read_checkpoint(directory)
+    for file in checkpoint.files:
+        if file["checksums"] != "verified":
+            raise UserError(
+                f"{directory / file['file']}: no checksums recorded (written by an llmquant before they were); "
+                "`llmquant pack` rewrites it with them"
+            )
+    for name, linear in checkpoint.linears.items():
+        try:
+            packers.unpack(linear)
+        except ValueError as exc:
+            raise UserError(f"{directory}: {name}: {' '.join(str(exc).split())}") from None
+    check_loadable(checkpoint, directory)
+    seconds = time.perf_counter() - start
+    total = sum(f["bytes"] for f in checkpoint.files)
+    return {
+        "checkpoint": str(directory),
+        "format": checkpoint.fmt,
+        "ok": True,
+        "files": checkpoint.files,
+        "tensors": sum(f["tensors"] for f in checkpoint.files),
+        "bytes": total,
+        "linears": len(checkpoint.linears),
+        "seconds": seconds,
+    }
 
 
 def _empty_model(checkpoint: Checkpoint, dtype: torch.dtype, config_path: Path) -> PreTrainedModel:
@@ -78,11 +157,24 @@ def _empty_model(checkpoint: Checkpoint, dtype: torch.dtype, config_path: Path) 
     try:
         config = CONFIG_MAPPING[model_type].from_dict(checkpoint.config)
         # Parameters go to the meta device; buffers (rotary inv_freq, ...) are computed for real,
-        # because checkpoints do not store the non-persistent ones.
-        with init_empty_weights(include_buffers=False):
+        # because checkpoints do not store the non-persistent ones. Random initialisation of the
+        # (meta) parameters is skipped, as from_pretrained does: it was a third of the load time.
+        with init_empty_weights(include_buffers=False), _no_init_weights():
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
     except model_load_errors() as exc:
         raise UserError(f"{config_path}: cannot build a causal LM from it ({' '.join(error_summary(exc).split())})") from None
+
+
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (moved between versions)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - transformers 4.x
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _install_linears(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, path: Path) -> None:

@@ -127,6 +127,14 @@ class BinaryResidualLayout(Layout):
         }
         return stored, {}
 
+    def check_stored(self, r: Reader, meta, encoding, rows, cols):
+        blocks = ceil_div(cols, meta["blocksize"])
+        salient = r.ones("salient_columns", cols)
+        r.packed("signs", 1, rows * cols)
+        r.packed("signs2", 1, rows * salient)
+        r.packed("sparse_mask", 1, rows * (cols - salient))
+        r.raw("params", FP16, (rows, blocks, PARAMS_PER_ROW_BLOCK))
+
     def unpack(self, r: Reader, meta, encoding, rows, cols):
         blocks = ceil_div(cols, meta["blocksize"])
         columns = r.mask("salient_columns", (cols,))

@@ -108,6 +108,21 @@ class MixedLayout(Layout):
                 stored[f"zeros_b{b}"] = bitpack.pack(_integral(zeros, f"zeros of {b}-bit groups"), b)
         return stored, {}
 
+    def check_stored(self, r: Reader, meta, encoding, rows, cols):
+        gs = meta["group_size"]
+        groups = ceil_div(cols, gs)
+        group_bits = r.raw("group_bits", torch.uint8, (groups,))
+        check_group_bits(group_bits)
+        column_bits = expand_groups(group_bits, cols, gs)
+        for b in sorted(set(group_bits.tolist())):
+            r.packed(f"codes_b{b}", b, rows * int((column_bits == b).sum()))
+            n = int((group_bits == b).sum())
+            if b == 1:
+                r.raw("zeros_b1", FP16, (rows * n,))
+            else:
+                r.packed(f"zeros_b{b}", b, rows * n)
+        r.raw("scales", FP16, (rows, groups))
+
     def unpack(self, r: Reader, meta, encoding, rows, cols):
         gs = meta["group_size"]
         groups = ceil_div(cols, gs)

@@ -150,6 +150,23 @@ class PartialBinaryLayout(Layout):
         stored["alpha"], stored["mu"] = t["alpha"], t["mu"]
         return stored, {"index_format": index_format}
 
+    def check_stored(self, r: Reader, meta, encoding, rows, cols):
+        high_bit = meta["high_bit"]
+        groups = ceil_div(cols, meta["group_size"])
+        index_format = encoding.get("index_format")
+        if index_format == "bitmap":
+            salient = r.ones("salient_mask", rows * cols)
+        elif index_format == "csr":
+            salient = csr_rows_and_columns(r, rows, cols)[0].numel()  # the column indices are checked, not the codes
+        else:
+            raise ValueError(f"encoding['index_format'] must be 'bitmap' or 'csr', got {index_format!r}")
+        r.packed("signs", 1, rows * cols - salient)
+        r.packed("salient_codes", high_bit, salient)
+        r.raw("high_scales", FP16, (rows,))
+        r.packed("high_zeros", high_bit, rows)
+        r.raw("alpha", FP16, (rows, groups))
+        r.raw("mu", FP16, (rows, groups))
+
     def unpack(self, r: Reader, meta, encoding, rows, cols):
         high_bit = meta["high_bit"]
         groups = ceil_div(cols, meta["group_size"])
@@ -172,6 +189,15 @@ class PartialBinaryLayout(Layout):
 
 
 def mask_from_csr(r: Reader, rows: int, cols: int) -> torch.Tensor:
+    row_of, columns = csr_rows_and_columns(r, rows, cols)
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=r.device)
+    mask[row_of, columns] = True
+    return mask
+
+
+def csr_rows_and_columns(r: Reader, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row and the column of every salient entry of a CSR index, checked: row ends
+    non-decreasing, columns strictly increasing within a row and below `cols`."""
     ends = r.raw("salient_row_ends", torch.int32, (rows,)).long()
     counts = torch.diff(ends, prepend=ends.new_zeros(1))
     if bool((counts < 0).any()):
@@ -184,6 +210,4 @@ def mask_from_csr(r: Reader, rows: int, cols: int) -> torch.Tensor:
     same_row = row_of[1:] == row_of[:-1]
     if bool((columns >= cols).any()) or bool((same_row & (columns[1:] <= columns[:-1])).any()):
         raise ValueError("salient_cols must be increasing column numbers < cols within each row")
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=r.device)
-    mask[row_of, columns] = True
-    return mask
+    return row_of, columns

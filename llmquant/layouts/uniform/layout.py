@@ -69,6 +69,16 @@ class UniformLayout(Layout):
             stored["g_idx"] = t["g_idx"]
         return stored, {}
 
+    def check_stored(self, r: Reader, meta, encoding, rows, cols):
+        bits = meta["bits"]
+        groups = ceil_div(cols, meta["group_size"])
+        r.packed("codes", bits, rows * cols)
+        r.raw("scales", FP16, (rows, groups))
+        if not meta["sym"]:
+            r.packed("zeros", bits, rows * groups)
+        if r.has("g_idx"):
+            _check_g_idx(r.raw("g_idx", torch.int32, (cols,)), groups)
+
     def unpack(self, r: Reader, meta, encoding, rows, cols):
         bits = meta["bits"]
         groups = ceil_div(cols, meta["group_size"])
@@ -78,8 +88,11 @@ class UniformLayout(Layout):
         else:
             t["zeros"] = r.bits("zeros", bits, (rows, groups))
         if r.has("g_idx"):
-            g_idx = r.raw("g_idx", torch.int32, (cols,))
-            if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
-                raise ValueError(f"g_idx holds group numbers outside [0, {groups})")
-            t["g_idx"] = g_idx
+            t["g_idx"] = _check_g_idx(r.raw("g_idx", torch.int32, (cols,)), groups)
         return t
+
+
+def _check_g_idx(g_idx: torch.Tensor, groups: int) -> torch.Tensor:
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        raise ValueError(f"g_idx holds group numbers outside [0, {groups})")
+    return g_idx
