@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmquant.data.windows import check_bos_choice
 from llmquant.devices import check_device, check_dtype
 from llmquant.errors import LLMQuantError, UserError
 
@@ -30,6 +31,14 @@ DataDir = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or info logs")]
 Protocol = Annotated[Optional[str], typer.Option("--protocol", help="p0 (papers: 128x2048) or p1 (CPU: 32x512 / 128x512 eval)")]
+Bos = Annotated[
+    Optional[str],
+    typer.Option(
+        "--bos",
+        help="per-window BOS: auto (BOS + seqlen-1 text tokens exactly when the tokenizer adds BOS by default), "
+        "always, never (the papers' token streams)",
+    ),
+]
 Sets = Annotated[
     Optional[list[str]], typer.Option("--set", help="override any recipe field: --set method.fidelity=paper (repeatable)")
 ]
@@ -88,6 +97,7 @@ def quantize(
     seed: Annotated[Optional[int], typer.Option(help="override calibration.seed")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="override calibration.dataset")] = None,
     device: Annotated[Optional[str], typer.Option(help="override recipe.device (auto, cpu, cuda:N)")] = None,
+    bos: Bos = None,
     protocol: Protocol = None,
     set_: Sets = None,
     data_dir: DataDir = None,
@@ -119,6 +129,8 @@ def quantize(
 
     if fmt not in FORMATS:
         raise UserError(f"--format: expected packed or fake, got {fmt!r}")
+    if bos is not None:
+        check_bos_choice(bos)
     overrides = _recipe_overrides(
         protocol,
         set_,
@@ -130,6 +142,7 @@ def quantize(
             "calibration.seqlen": seqlen,
             "calibration.seed": seed,
             "calibration.dataset": dataset,
+            "calibration.bos": bos,
         },
     )
     parsed = load_recipe(recipe, overrides)
@@ -175,6 +188,7 @@ def calibrate(
     nsamples: Annotated[Optional[int], typer.Option()] = None,
     seqlen: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    bos: Bos = None,
     protocol: Protocol = None,
     data_dir: DataDir = None,
     force: Annotated[bool, typer.Option("--force")] = False,
@@ -190,24 +204,29 @@ def calibrate(
     if output.exists() and not force:
         raise UserError(f"output {output} already exists; pass --force to replace it")
     preset = get_protocol(protocol)
+    check_bos_choice(bos or "auto")
     try:
         cfg = CalibrationConfig(
             dataset=dataset,
             nsamples=nsamples or (preset.nsamples if preset else 128),
             seqlen=seqlen or (preset.seqlen if preset else 2048),
             seed=seed,
+            bos=bos or "auto",
         )
     except ValueError as error:
         raise UserError(f"calibrate: {str(error).splitlines()[-1].strip()}") from None
     tokenizer = load_tokenizer(model)
-    calib = build_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir)
+    calib = build_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir, cfg.bos)
     output.parent.mkdir(parents=True, exist_ok=True)
     calib.save(output)
     meta = {**calib.meta, "windows_sha256": calib.sha256, "output": str(output)}
     if as_json:
         _print_json(meta)
     else:
-        typer.echo(f"wrote {output}: {cfg.nsamples} x {cfg.seqlen} tokens from {calib.meta['source']} (seed {cfg.seed}, sha256 {calib.sha256[:16]})")
+        typer.echo(
+            f"wrote {output}: {cfg.nsamples} x {cfg.seqlen} tokens ({calib.meta['window_layout']}; bos={cfg.bos}) "
+            f"from {calib.meta['source']} (seed {cfg.seed}, sha256 {calib.sha256[:16]})"
+        )
 
 
 @app.command("eval")
@@ -216,6 +235,7 @@ def evaluate(
     ppl: Annotated[list[str], typer.Option(help="dataset(s): wikitext2, ptb, c4 or a .txt/.jsonl file")] = ["wikitext2"],  # noqa: B006
     seqlen: Annotated[Optional[int], typer.Option(help="window length (default 2048, p1: 512)")] = None,
     max_windows: Annotated[Optional[int], typer.Option(help="evaluate only the first N windows (p1: 128)")] = None,
+    bos: Bos = None,
     protocol: Protocol = None,
     data_dir: DataDir = None,
     device: Annotated[str, typer.Option()] = "auto",
@@ -259,6 +279,7 @@ def evaluate(
         backend="torch" if packed_forward else "torch-cached",
         reference=reference,
         reference_cache=reference_cache,
+        bos=bos or "auto",
     )
     settings.check()  # every flag, before anything loads
 
