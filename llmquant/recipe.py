@@ -75,7 +75,7 @@ class CalibrationConfig(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="HF directory, hub id, .gguf file, or a built-in alias (smollm2-135m)")
+    model: str = Field(description="HF directory, hub id, .gguf file, or a built-in alias (smollm2-135m, gemma3-270m)")
     calibration: CalibrationConfig = CalibrationConfig()
     method: MethodConfig
     skip: tuple[str, ...] = Field((), description="glob patterns of linear module names kept in full precision")
