@@ -145,12 +145,16 @@ QUICK = {"nsamples": "4", "max_windows": "4", "bench": ["--prompt-tokens", "64",
 BENCH = ["--warmup", "1", "--repeats", "3"]  # defaults otherwise: 512-token prefill, 128 decode steps
 
 
-def evaluate(model: Path | str, reference: Path | None = None, cache: Path | None = None, quick: bool = False) -> dict:
+def evaluate(
+    model: Path | str, reference: Path | None = None, cache: Path | None = None, quick: bool = False, windows: int | None = None
+) -> dict:
     """PPL (and KL against `reference`). With a cache and no reference, the model is the future
     reference: its eval also stores its reference statistics, so no later run has to run it again."""
     args = ["eval", "--model", str(model), "--ppl", "wikitext2", "--protocol", "p1"]
     if quick:
         args += ["--max-windows", QUICK["max_windows"]]
+    elif windows:
+        args += ["--max-windows", str(windows)]
     if reference is not None:
         args += ["--kl", "--reference", str(reference)]
     if cache is not None:
@@ -158,7 +162,7 @@ def evaluate(model: Path | str, reference: Path | None = None, cache: Path | Non
     return llmquant(*args)["results"][0]
 
 
-def baseline_evaluation(base: Path, runs: Path, quick: bool) -> dict:
+def baseline_evaluation(base: Path, runs: Path, quick: bool, windows: int | None = None) -> dict:
     """The baseline's PPL, evaluated once per baseline file and eval setting: a later `--only` run
     reuses it (RUNS/baseline-eval.json) instead of spending another full P1 pass on the same model."""
     import hashlib
@@ -166,13 +170,15 @@ def baseline_evaluation(base: Path, runs: Path, quick: bool) -> dict:
     with open(base / "model.safetensors", "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     key = {"model_sha256": digest, "quick": quick, "data": os.environ.get("LLMQUANT_DATA", "")}
+    if windows:
+        key["max_windows"] = windows
     cache = runs / "baseline-eval.json"
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
             print("   (baseline PPL from runs/baseline-eval.json)", flush=True)
             return stored["eval"]
-    result = evaluate(base, cache=runs / "kl-cache", quick=quick)
+    result = evaluate(base, cache=runs / "kl-cache", quick=quick, windows=windows)
     cache.write_text(json.dumps({"key": key, "eval": result}, indent=2) + "\n")
     return result
 
@@ -181,7 +187,9 @@ def dir_bytes(path: Path, name: str = "model.safetensors") -> int:
     return (path / name).stat().st_size
 
 
-def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, kl: bool = True, quick: bool = False) -> dict:
+def run_one(
+    label: str, recipe: Path, sets: list[str], base: Path, runs: Path, kl: bool = True, quick: bool = False, windows: int | None = None
+) -> dict:
     out = runs / label
     started = time.perf_counter()
     report = llmquant(
@@ -189,7 +197,7 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, k
         "--output", str(out), "--force", *[a for s in sets for a in ("--set", s)],
         *(["--nsamples", QUICK["nsamples"]] if quick else []),
     )
-    evaluation = evaluate(out, base, runs / "kl-cache", quick) if kl else evaluate(out, quick=quick)
+    evaluation = evaluate(out, base if kl else None, runs / "kl-cache" if kl else None, quick, windows)
     return {
         "label": label,
         "recipe": recipe.name,
@@ -322,7 +330,9 @@ def write_results(
     layout = fp_eval.get("window_layout")
     bos = bool(fp_eval.get("bos_per_window"))
     meta = {
-        "protocol": "P1" + (" (--quick smoke run: 4 calibration windows, 4 eval windows; numbers meaningless)" if quick else ""),
+        "protocol": "P1"
+        + (" (--quick smoke run: 4 calibration windows, 4 eval windows; numbers meaningless)" if quick else "")
+        + (f", evaluated on the first {windows} windows only (P1: 128)" if not quick and windows != 128 else ""),
         "model": model.title,
         "eval": f"WikiText-2 raw test, joined with \\n\\n, {seqlen}-token windows"
         + (f" ({layout})" if layout else "")
@@ -348,7 +358,7 @@ def write_results(
         )
     else:
         speed_note = "Decode ×fp: not measured in this run."
-    heading = f"# Results (protocol {meta['protocol']})" if model.primary else f"## {model.title.split(' (')[0]} (protocol {meta['protocol']} sizes)"
+    heading = f"# Results (protocol {meta['protocol']})" if model.primary else f"## {model.title.split(' (')[0]} under protocol {meta['protocol']}"
     command = "make bench" if model.primary else f"python benchmarks/run_all.py --model {model.key}"
     lines = [
         heading,
@@ -420,6 +430,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="recipe stems / variant labels to run")
     parser.add_argument("--variants", action="store_true", help="also run the ablations in VARIANTS")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny calibration, 4 eval windows, short bench")
+    parser.add_argument("--max-windows", type=int,
+                        help="evaluate every model on the first N windows only (P1: 128); the results say so")
     parser.add_argument("--no-kl", action="store_true", help="skip the KL divergence (eval --kl) of each checkpoint")
     parser.add_argument("--no-speed", action="store_true", help="skip the final `llmquant bench` of every checkpoint")
     parser.add_argument("--speed-only", action="store_true",
@@ -456,7 +468,7 @@ def main() -> None:
         print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
         return
     print(f"baseline {base}", flush=True)
-    fp = baseline_evaluation(base, runs, args.quick)
+    fp = baseline_evaluation(base, runs, args.quick, args.max_windows)
     baseline = {"ppl": fp["ppl"], "fp16_bytes": dir_bytes(base), "parameters": stored_parameters(base / "model.safetensors"), "eval": fp}
     print(f"full precision: ppl {fp['ppl']:.3f}", flush=True)
 
@@ -469,7 +481,7 @@ def main() -> None:
     for label, recipe, sets in plan:
         print(f"== {label}", flush=True)
         try:
-            row = run_one(label, recipe, sets, base, runs, kl=not args.no_kl, quick=args.quick)
+            row = run_one(label, recipe, sets, base, runs, kl=not args.no_kl, quick=args.quick, windows=args.max_windows)
         except RuntimeError as error:
             print(f"   FAILED: {error}", flush=True)
             continue

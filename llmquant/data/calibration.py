@@ -34,6 +34,7 @@ from llmquant.safetensors_io import write_safetensors
 log = logging.getLogger(__name__)
 
 CALIBRATION_FORMAT = "llmquant-calibration/1"
+NO_BOS = WindowRule("never", None, False)  # the reference's windows, for callers that pass no rule
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -87,19 +88,18 @@ def sample_stream(
 ) -> torch.Tensor:
     """`nsamples` windows of a token stream at random offsets; with a per-window-BOS `rule`, windows
     of seqlen - 1 text tokens, each after the BOS token."""
-    window = rule.window if rule is not None else (lambda text: text)
-    length = rule.text_tokens(seqlen) if rule is not None else seqlen
+    rule = rule or NO_BOS
+    length = rule.text_tokens(seqlen)
     if ids.numel() <= length + 1:
         raise UserError(f"calibration text has {ids.numel()} tokens, fewer than {length} + 2 = {length + 2}")
     starts = [rng.randint(0, ids.numel() - length - 1) for _ in range(nsamples)]
-    return torch.stack([window(ids[s : s + length]) for s in starts])
+    return torch.stack([rule.window(ids[s : s + length]) for s in starts])
 
 
 def sample_documents(
     docs: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random, rule: WindowRule | None = None
 ) -> torch.Tensor:
-    if rule is None:
-        rule = WindowRule("never", None, False)
+    rule = rule or NO_BOS
     length = rule.text_tokens(seqlen)
     windows = []
     max_draws = 1000 * nsamples  # the reference loops forever when no document is long enough
@@ -108,7 +108,7 @@ def sample_documents(
         while True:
             draws += 1
             if draws > max_draws:
-                raise UserError(f"after {max_draws} draws, too few documents have more than {seqlen} tokens")
+                raise UserError(f"after {max_draws} draws, too few documents have more than {length} tokens")
             ids = rule.encode(tokenizer, docs[rng.randint(0, len(docs) - 1)])
             if ids.numel() > length:
                 break
