@@ -176,16 +176,42 @@ def test_a_reused_file_says_whether_its_windows_carry_bos(text_path, tmp_path):
     assert loaded.meta["bos_per_window"] is False and loaded.meta["window_layout"] == "no per-window BOS"
 
 
-def test_quantize_records_the_bos_choice(tmp_path, text_path):
-    from llmquant.quantize import run_quantize
-    from llmquant.recipe import parse_recipe
-
-    model_dir = tmp_path / "tiny-gemma"
+@pytest.fixture(scope="module")
+def tiny_gemma_dir(tmp_path_factory):
+    """A saved tiny random Gemma3 model whose tokenizer adds BOS, as Gemma's does."""
+    model_dir = tmp_path_factory.mktemp("tiny-gemma")
     config = tiny_config("gemma3")
     config.vocab_size = VOCAB + 1
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     bos_tokenizer().save_pretrained(model_dir)
+    return model_dir
+
+
+def test_eval_prints_and_records_the_choice(tiny_gemma_dir, text_path):
+    import subprocess
+    import sys
+
+    from llmquant.evaluate import run_eval
+
+    lines = []
+    report = run_eval(str(tiny_gemma_dir), EvalSettings((str(text_path),), seqlen=32, max_windows=2), on_protocol=lines.append)
+    entry = report["results"][0]
+    assert lines[0].endswith("(non-overlapping, tail dropped, BOS + 31 text tokens per window; bos=auto)")
+    assert entry["bos"] == "auto" and entry["bos_per_window"] and entry["bos_token_id"] == BOS
+    assert entry["window_layout"] == "BOS + 31 text tokens per window" and entry["tokens"] == len(text_path.read_text())
+    # The flag, through the command line.
+    command = [sys.executable, "-m", "llmquant.cli", "eval", "--model", str(tiny_gemma_dir), "--ppl", str(text_path)]
+    done = subprocess.run([*command, "--seqlen", "32", "--max-windows", "2", "--quiet", "--bos", "never"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "(non-overlapping, tail dropped, no per-window BOS (the tokenizer's one BOS opens the stream); bos=never)" in done.stdout
+
+
+def test_quantize_records_the_bos_choice(tmp_path, text_path, tiny_gemma_dir):
+    from llmquant.quantize import run_quantize
+    from llmquant.recipe import parse_recipe
+
+    model_dir = tiny_gemma_dir
     recipe = parse_recipe(
         {
             "model": str(model_dir),
