@@ -2,12 +2,13 @@
 
 tests/test_models.py checks this on tiny random configs; this script checks it on a real model
 (issue #20: Gemma-3-270M's 18 layers mix sliding-window and global attention). It cuts a few
-WikiText-2 evaluation windows under the BOS rule, captures the decoder layers' inputs and keyword
+WikiText-2 evaluation windows under the BOS rule (use a seqlen longer than the model's sliding window,
+or sliding-window layers attend like global ones), captures the decoder layers' inputs and keyword
 arguments exactly as `quantize` does (core/runner.capture_layer_inputs), runs the layers one by one
 with those arguments, and compares the last layer's output with the one the model's own forward
 produces (a hook on the last layer), and the logits computed from both.
 
-    python benchmarks/check_runner.py --model gemma3-270m --windows 2 --seqlen 512
+    python benchmarks/check_runner.py --model gemma3-270m --windows 1 --seqlen 1024   # Gemma's sliding window: 512
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main() -> None:
     windows = stream.windows(args.seqlen, args.windows)
     resolved = resolve_layers(model)
     layers = resolved.layers
-    kinds = [getattr(layer, "attention_type", None) for layer in layers]
+    kinds = list(getattr(model.config, "layer_types", None) or [None] * len(layers))
 
     captured = capture_layer_inputs(model, layers, windows)
     hidden = captured.hidden
