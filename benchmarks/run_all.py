@@ -38,16 +38,15 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 
 
-@dataclass(frozen=True)
-class BenchModel:
+class BenchModel(NamedTuple):  # (not a dataclass: tests load this script without registering it as a module)
     """A real model the benchmarks run on: its alias, its GGUF file name (to recognise the file given
     by path), what the results call it, which recipes run by default (None: all), and where its
     results go. The primary model's table opens docs/results.md; another model's is a section of
