@@ -59,12 +59,13 @@ def main() -> None:
         t0 = time.perf_counter()
         fake_model = AutoModelForCausalLM.from_pretrained(fake, dtype=torch.float32).eval()
         fake_load = time.perf_counter() - t0
-        ids = build_eval_stream("wikitext2", load_tokenizer(str(run)), 512).ids
+        stream = build_eval_stream("wikitext2", load_tokenizer(str(run)), 512)  # windows under the BOS rule
+        ids, bos = stream.ids, stream.bos_token_id
         with torch.no_grad():
-            window = ids[:512].unsqueeze(0)
+            window = stream.windows(512, 1)
             same_logits = torch.equal(packed_model(window).logits, fake_model(window).logits)
-        ppl_packed = perplexity(packed_model, ids, 512, args.windows).ppl
-        ppl_fake = perplexity(fake_model, ids, 512, args.windows).ppl
+        ppl_packed = perplexity(packed_model, ids, 512, args.windows, bos_token_id=bos).ppl
+        ppl_fake = perplexity(fake_model, ids, 512, args.windows, bos_token_id=bos).ppl
         row = {
             "run": run.name,
             "packed_bytes": (run / "model.safetensors").stat().st_size,

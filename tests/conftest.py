@@ -31,6 +31,21 @@ def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
+def bos_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """The byte tokenizer plus a BOS token that its default encoding puts first, as Gemma's (and
+    LLaMA-3's, Mistral's) tokenizers do: `<bos>` has id VOCAB, through a template post-processor."""
+    from tokenizers import processors
+
+    tok = byte_tokenizer()._tokenizer
+    bos = VOCAB
+    tok.add_special_tokens(["<bos>"])
+    assert tok.token_to_id("<bos>") == bos
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
+    )
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>")
+
+
 def tiny_config(arch: str, layers: int = 2):
     common = dict(
         vocab_size=VOCAB,

@@ -367,6 +367,34 @@ def test_results_table_is_regenerated_and_hand_notes_are_kept(tmp_path):
     assert json.loads(js.read_text())["runs"][0]["ppl"] == 50.0
 
 
+def test_a_second_models_table_is_a_section_of_its_own(tmp_path):
+    """run_all --model gemma3-270m writes its table between markers; either model's regeneration
+    leaves the other's table and the hand-written notes byte for byte."""
+    run_all = _run_all_module()
+    row = {
+        "label": "rtn-w4g128", "method": "rtn", "calibration": {"dataset": None}, "overrides": [],
+        "ppl": 31.0, "bits": {"paper": 4.0, "code": 4.0, "storage": 4.2}, "checkpoint_bytes": 2**20,
+        "quantize_seconds": 3.0, "peak_rss_bytes": 2**30,
+    }
+    fp_eval = {"windows": 16, "seqlen": 512, "bos_per_window": True, "window_layout": "BOS + 511 text tokens per window"}
+    md, js = tmp_path / "results.md", tmp_path / "results.json"
+    run_all.write_results([row], {"ppl": 30.0, "fp16_bytes": 4 * 2**20}, md, js)
+    md.write_text(md.read_text() + "\n" + run_all.NOTES_MARKER + "\nnotes\n")
+    primary = md.read_text()
+    gemma = run_all.MODELS["gemma3-270m"]
+    run_all.write_results([row], {"ppl": 28.5, "fp16_bytes": 4 * 2**20, "eval": fp_eval}, md, tmp_path / "g.json", model=gemma)
+    text = md.read_text()
+    head = primary[: primary.index(run_all.NOTES_MARKER)].rstrip("\n")
+    assert text.startswith(head) and text.endswith(run_all.NOTES_MARKER + "\nnotes\n")
+    section = text[len(head) : text.index(run_all.NOTES_MARKER)]
+    assert "## Gemma-3-270M under protocol P1, evaluated on the first 16 windows only (P1: 128)" in section
+    assert "BOS + 511 text tokens per window" in section and "| full precision | — | — | 28.50 |" in section
+    run_all.write_results([{**row, "ppl": 35.0}], {"ppl": 30.0, "fp16_bytes": 4 * 2**20}, md, js)  # the primary again
+    again = md.read_text()
+    assert section in again and "| 35.00 |" in again and again.endswith("notes\n")
+    assert run_all.bench_model("/any/where/gemma-3-270m-q4_k_m.gguf") is gemma
+
+
 def test_method_stats_aggregate_over_linears():
     run_all = _run_all_module()
     report = {"layers": [{"linears": [

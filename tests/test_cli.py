@@ -152,7 +152,7 @@ def test_validate_resolves_protocol_and_set_like_quantize():
     done = llmquant("validate", "--recipe", str(shipped), "--protocol", "p1", "--set", "calibration.dataset=wikitext2")
     assert done.returncode == 0, done.stderr
     resolved = json.loads(done.stdout)
-    assert resolved["calibration"] == {"dataset": "wikitext2", "nsamples": 32, "seqlen": 512, "seed": 0}
+    assert resolved["calibration"] == {"dataset": "wikitext2", "nsamples": 32, "seqlen": 512, "seed": 0, "bos": "auto"}
     bad = llmquant("validate", "--recipe", str(shipped), "--set", "method.bits=99")
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == ["error: " + f"{shipped}: method.bits: Input should be less than or equal to 8"]

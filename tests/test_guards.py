@@ -257,7 +257,7 @@ def test_a_calibration_file_never_silently_overrides_the_recipe(tmp_path, tiny_l
     unasked = tmp_path / "unasked.yaml"
     unasked.write_text(f"model: {tiny_llama_dir}\ncalibration: {{dataset: {calib}}}\nmethod: {{name: gptq, bits: 3, group_size: 32}}\noutput: {tmp_path / 'q'}\n")
     _, report = run_quantize(load_recipe(unasked))
-    assert report["recipe"]["calibration"] | {"dataset": None} == {"dataset": None, "nsamples": 2, "seqlen": 32, "seed": 0}
+    assert report["recipe"]["calibration"] | {"dataset": None} == {"dataset": None, "nsamples": 2, "seqlen": 32, "seed": 0, "bos": "auto"}
     assert report["calibration"]["nsamples"] == 2
 
 

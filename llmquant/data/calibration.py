@@ -5,12 +5,19 @@ Stream corpora (WikiText-2, PTB, .txt): the split's rows joined with one space, 
 window, draw random documents until one has more than `seqlen` tokens, then a random window in it.
 The reference seeds Python's global `random`; we use a private `random.Random(seed)`, which yields
 the same draws without reseeding anything the user's program relies on.
+
+Per-window BOS follows the one rule of data/windows.py: for a tokenizer that adds BOS by default (or
+`bos: always`), the text is encoded without special tokens, windows of seqlen - 1 text tokens are
+drawn by the same procedure (offsets randint(0, tokens - (seqlen - 1) - 1), documents with more than
+seqlen - 1 tokens), and each gets the BOS token in front. Otherwise (or `bos: never`) the windows
+are exactly the reference's. The file's metadata records the resolved choice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +27,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from llmquant.data.corpora import Corpus, load_corpus, text_sha256
+from llmquant.data.windows import WindowRule, check_bos_choice, resolve_bos
 from llmquant.errors import UserError
 from llmquant.safetensors_io import write_safetensors
 
+log = logging.getLogger(__name__)
+
 CALIBRATION_FORMAT = "llmquant-calibration/1"
+NO_BOS = WindowRule("never", None, False)  # the reference's windows, for callers that pass no rule
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -72,18 +83,24 @@ class CalibrationSet:
         return result
 
 
-def _encode(tokenizer, text: str) -> torch.Tensor:
-    return tokenizer(text, return_tensors="pt").input_ids[0]
+def sample_stream(
+    ids: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random, rule: WindowRule | None = None
+) -> torch.Tensor:
+    """`nsamples` windows of a token stream at random offsets; with a per-window-BOS `rule`, windows
+    of seqlen - 1 text tokens, each after the BOS token."""
+    rule = rule or NO_BOS
+    length = rule.text_tokens(seqlen)
+    if ids.numel() <= length + 1:
+        raise UserError(f"calibration text has {ids.numel()} tokens, fewer than {length} + 2 = {length + 2}")
+    starts = [rng.randint(0, ids.numel() - length - 1) for _ in range(nsamples)]
+    return torch.stack([rule.window(ids[s : s + length]) for s in starts])
 
 
-def sample_stream(ids: torch.Tensor, nsamples: int, seqlen: int, rng: random.Random) -> torch.Tensor:
-    if ids.numel() <= seqlen + 1:
-        raise UserError(f"calibration text has {ids.numel()} tokens, fewer than seqlen + 2 = {seqlen + 2}")
-    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
-    return torch.stack([ids[s : s + seqlen] for s in starts])
-
-
-def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random) -> torch.Tensor:
+def sample_documents(
+    docs: list[str], tokenizer, nsamples: int, seqlen: int, rng: random.Random, rule: WindowRule | None = None
+) -> torch.Tensor:
+    rule = rule or NO_BOS
+    length = rule.text_tokens(seqlen)
     windows = []
     max_draws = 1000 * nsamples  # the reference loops forever when no document is long enough
     draws = 0
@@ -91,27 +108,29 @@ def sample_documents(docs: list[str], tokenizer, nsamples: int, seqlen: int, rng
         while True:
             draws += 1
             if draws > max_draws:
-                raise UserError(f"after {max_draws} draws, too few documents have more than {seqlen} tokens")
-            ids = _encode(tokenizer, docs[rng.randint(0, len(docs) - 1)])
-            if ids.numel() > seqlen:
+                raise UserError(f"after {max_draws} draws, too few documents have more than {length} tokens")
+            ids = rule.encode(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+            if ids.numel() > length:
                 break
-        start = rng.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[start : start + seqlen])
+        start = rng.randint(0, ids.numel() - length - 1)
+        windows.append(rule.window(ids[start : start + length]))
     return torch.stack(windows)
 
 
 def build_calibration(
-    dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None = None
+    dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None = None, bos: str = "auto"
 ) -> CalibrationSet:
-    """Samples a calibration set from a named corpus' train split or a local file."""
+    """Samples a calibration set from a named corpus' train split or a local file; `bos` is the
+    per-window BOS choice (auto | always | never, data/windows.py)."""
+    rule = resolve_bos(tokenizer, bos)
     corpus: Corpus = load_corpus(dataset, "train", data_dir)
     rng = random.Random(seed)
     if corpus.kind == "rows":
         text = " ".join(corpus.rows)
-        windows = sample_stream(_encode(tokenizer, text), nsamples, seqlen, rng)
+        windows = sample_stream(rule.encode(tokenizer, text), nsamples, seqlen, rng, rule)
         digest = text_sha256(text)
     else:
-        windows = sample_documents(corpus.rows, tokenizer, nsamples, seqlen, rng)
+        windows = sample_documents(corpus.rows, tokenizer, nsamples, seqlen, rng, rule)
         digest = text_sha256("\n".join(corpus.rows))
     meta = {
         "dataset": dataset,
@@ -122,15 +141,49 @@ def build_calibration(
         "seed": seed,
         "nsamples": nsamples,
         "seqlen": seqlen,
+        **rule.meta(),
+        "window_layout": rule.describe(seqlen),
     }
     return CalibrationSet(windows.to(torch.int64), meta)
 
 
-def load_or_build_calibration(dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None = None) -> CalibrationSet:
-    """A saved calibration file (checked against the tokenizer) or a freshly sampled set."""
+def load_or_build_calibration(
+    dataset: str, tokenizer, nsamples: int, seqlen: int, seed: int, data_dir: str | None = None, bos: str = "auto"
+) -> CalibrationSet:
+    """A saved calibration file (checked against the tokenizer and the BOS choice) or a freshly sampled set."""
     if not dataset.endswith(".safetensors"):
-        return build_calibration(dataset, tokenizer, nsamples, seqlen, seed, data_dir)
+        return build_calibration(dataset, tokenizer, nsamples, seqlen, seed, data_dir, bos)
     calib = CalibrationSet.load(dataset)
     if calib.meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
         raise UserError(f"{dataset}: built with a different tokenizer ({calib.meta.get('tokenizer')!r}) than this model's")
+    check_file_bos(dataset, calib, tokenizer, bos)
     return calib
+
+
+def check_file_bos(path: str, calib: CalibrationSet, tokenizer, bos: str) -> None:
+    """A reused file keeps its own windows: it must say whether they start with BOS (a file from before
+    the BOS rule has none and is recorded as such), agree with an explicit `bos: always|never`, and,
+    if its windows carry BOS, start each with this tokenizer's BOS id. `auto` takes the file as it is."""
+    check_bos_choice(bos, "calibration.bos")
+    if "bos_per_window" not in calib.meta:  # written before the rule: no per-window BOS was ever added
+        calib.meta.update({"bos": None, "bos_per_window": False, "bos_token_id": None})
+    per_window = bool(calib.meta["bos_per_window"])
+    windows, seqlen = calib.windows, calib.windows.shape[1]
+    said = f"BOS + {seqlen - 1} text tokens per window" if per_window else "no per-window BOS"
+    calib.meta.setdefault("window_layout", said)
+    if bos != "auto" and per_window != (bos == "always"):
+        raise UserError(
+            f"{path}: its windows have {said}, which contradicts bos: {bos}; "
+            f"build a matching file with `llmquant calibrate --bos {bos}` (or use bos: auto to take the file as it is)"
+        )
+    if per_window:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos_id is None or calib.meta.get("bos_token_id") != bos_id or not bool((windows[:, 0] == bos_id).all()):
+            raise UserError(f"{path}: says its windows start with BOS id {calib.meta.get('bos_token_id')}, but they or this tokenizer's BOS ({bos_id}) disagree")
+    if bos == "auto":
+        expected = resolve_bos(tokenizer, "auto")
+        if expected.per_window != per_window:
+            log.warning(
+                "%s: its windows have %s; this tokenizer's default would be %s (using the file as it is)",
+                path, said, expected.describe(seqlen),
+            )

@@ -1,9 +1,12 @@
 """Perplexity under the papers' protocol (docs/methods-spec.md §1.8) and KL divergence against a reference.
 
 Windows: n = floor(tokens / seqlen) non-overlapping windows [k*seqlen, (k+1)*seqlen), tail dropped,
-no extra BOS per window (optionally only the first `max_windows`). Per window, the mean cross-entropy
-of its seqlen - 1 next-token predictions times seqlen is its NLL; PPL = exp(sum NLL / (n * seqlen)),
-i.e. the exponential of the mean per-window mean loss, exactly as the reference code computes it.
+no extra BOS per window (optionally only the first `max_windows`); with a `bos_token_id` (the BOS rule
+of data/windows.py: the tokenizer adds BOS by default, or --bos always), window k is instead BOS +
+the text tokens [k*(seqlen-1), (k+1)*(seqlen-1)). Per window, the mean cross-entropy of its
+seqlen - 1 next-token predictions times seqlen is its NLL (with BOS: the predictions of its seqlen - 1
+text tokens); PPL = exp(sum NLL / (n * seqlen)), i.e. the exponential of the mean per-window mean
+loss, exactly as the reference code computes it.
 
 KL divergence (as llama.cpp's perplexity tool reports it): over the same windows, the reference
 model (usually the full-precision one) and the evaluated model see the same tokens; at each of the
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmquant.data.windows import eval_window, window_count
 from llmquant.errors import NumericalError
 from llmquant.evaluate.reference import Reference, WindowStatistics, _HeadTap
 
@@ -59,11 +63,6 @@ class PerplexityResult:
     seconds: float
     window_nll: list[float]  # mean NLL of each window (for comparisons and bootstrap error bars)
     divergence: DivergenceResult | None = None
-
-
-def window_count(tokens: int, seqlen: int, max_windows: int | None = None) -> int:
-    n = tokens // seqlen
-    return min(n, max_windows) if max_windows else n
 
 
 def kl_divergence(
@@ -114,12 +113,14 @@ def perplexity(
     on_window: Callable[[int, int], None] | None = None,
     reference: Reference | None = None,
     save_as_reference: Reference | None = None,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """PPL of `model` on the windows of `ids`; with a `reference`, also the KL divergence and top-1
     agreement of `model` against it, from the same forward passes (`result.divergence`). With
     `save_as_reference` (a Reference of `model` itself with a cache directory), the same pass also
-    writes `model`'s reference cache, for later runs that compare other models with it."""
-    n = window_count(ids.numel(), seqlen, max_windows)
+    writes `model`'s reference cache, for later runs that compare other models with it. With
+    `bos_token_id`, every window is that id + seqlen - 1 tokens of `ids` (the module docstring)."""
+    n = window_count(ids.numel(), seqlen, max_windows, bos_token_id is not None)
     if n == 0:
         raise ValueError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     if save_as_reference is not None and save_as_reference.model is not model:
@@ -135,7 +136,7 @@ def perplexity(
     tap = _HeadTap(head) if head is not None and (use_statistics or save_as_reference is not None) else None
     try:
         for k in range(n):
-            window = ids[k * seqlen : (k + 1) * seqlen].unsqueeze(0).to(device)
+            window = eval_window(ids, k, seqlen, bos_token_id).unsqueeze(0).to(device)
             targets = window[0, 1:]
             raw = model(window, use_cache=False).logits
             logits = raw.float()

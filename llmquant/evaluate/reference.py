@@ -2,7 +2,7 @@
 
 A reference cache makes repeated comparisons against one reference cheap (`make bench` compares
 every recipe with the same fp model). It is saved once per (reference files, tokens, seqlen, windows,
-dtype, device), by the first `--kl` run against that reference or by evaluating the reference itself
+per-window BOS or not, dtype, device), by the first `--kl` run against that reference or by evaluating the reference itself
 with `--reference-cache`, and holds per predicted position:
 
 - the reference's statistics: its argmax, its NLL, its negative entropy sum_v p log p, and the
@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmquant.data.windows import eval_windows
 from llmquant.safetensors_io import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -241,22 +242,30 @@ class Reference:
 
 
 def reference_key(
-    source, ids: torch.Tensor, seqlen: int, windows: int, model: nn.Module | torch.dtype | str, device: torch.device | str
+    source,
+    ids: torch.Tensor,
+    seqlen: int,
+    windows: int,
+    model: nn.Module | torch.dtype | str,
+    device: torch.device | str,
+    bos_token_id: int | None = None,
 ) -> dict[str, Any]:
     """What a reference cache depends on: the reference's files (path, size, modification time of its
-    weights and JSON files; `source` is a models.loading.ModelSource), the exact tokens, the windows,
-    and the dtype and device type it computes in."""
+    weights and JSON files; `source` is a models.loading.ModelSource), the exact tokens of the windows
+    the models see (BOS included: `bos_token_id` as in perplexity), the windows, the BOS choice, and
+    the dtype and device type it computes in."""
     entries = [["hub", source.location]] if source.kind == "hub" else []
     for path in source.files():
         stat = path.stat()
         entries.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-    tokens = ids[: windows * seqlen].to("cpu", torch.int64).contiguous()
+    tokens = eval_windows(ids, seqlen, windows, bos_token_id).to("cpu", torch.int64).contiguous()
     return {
         "version": 1,
         "files": entries,
         "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
         "seqlen": seqlen,
         "windows": windows,
+        "bos_per_window": bos_token_id is not None,
         "dtype": str(model.dtype if isinstance(model, nn.Module) else model),  # a model, or the dtype it loads in
         "device": torch.device(device).type,
     }

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmquant.data.windows import check_bos_choice
 from llmquant.devices import check_device, check_dtype, resolve_device, resolve_dtype
 from llmquant.errors import NumericalError, UserError
-from llmquant.evaluate.ppl import PerplexityResult, perplexity, window_count
+from llmquant.evaluate.ppl import PerplexityResult, perplexity
 from llmquant.evaluate.reference import Reference, reference_key
 from llmquant.models.loading import ModelSource, check_finite_weights, checkpoint_dtype, load_tokenizer, resolve_model_source
 from llmquant.recipe import DEFAULT_PROTOCOL, get_protocol
@@ -35,6 +36,7 @@ class EvalSettings:
     backend: str = "auto"
     reference: str | None = None  # KL against this model (any --model form)
     reference_cache: str | Path | None = None
+    bos: str = "auto"  # per-window BOS: auto (when the tokenizer adds one), always, never (data/windows.py)
 
     def windows(self) -> tuple[int, int | None]:
         """(seqlen, max_windows) after the protocol's presets; UserError for bad values."""
@@ -55,6 +57,7 @@ class EvalSettings:
                 check(value)
             except ValueError as error:
                 raise UserError(f"{flag}: {error}") from None
+        check_bos_choice(self.bos)
         self.windows()
         if self.reference is not None:
             resolve_model_source(self.reference)  # a wrong path fails before anything loads
@@ -126,22 +129,23 @@ def run_eval(
 
     results = []
     for dataset in settings.datasets:
-        stream = build_eval_stream(dataset, tokenizer, seqlen, settings.data_dir)
-        n = window_count(stream.ids.numel(), seqlen, max_windows)
+        stream = build_eval_stream(dataset, tokenizer, seqlen, settings.data_dir, bos=settings.bos)
+        n = stream.window_count(seqlen, max_windows)
         if n == 0:
-            raise UserError(f"{dataset}: {stream.ids.numel()} tokens is less than one window of {seqlen}")
-        _check_vocabulary(stream.ids[: n * seqlen], lm, dataset, source)
+            raise UserError(f"{dataset}: {stream.ids.numel()} tokens is less than one window of {stream.rule.text_tokens(seqlen)}")
+        bos_id = stream.bos_token_id
+        _check_vocabulary(stream.ids[: n * stream.rule.text_tokens(seqlen)], lm, dataset, source)
         if on_protocol:
             on_protocol(stream.protocol_line(seqlen, n))
         ref = saving = None
         if ref_loader is not None:
-            ref = Reference(ref_loader, settings.reference_cache, reference_key(ref_source, stream.ids, seqlen, n, ref_dtype, target))
+            ref = Reference(ref_loader, settings.reference_cache, reference_key(ref_source, stream.ids, seqlen, n, ref_dtype, target, bos_id))
         elif settings.reference_cache is not None:
             own_dtype = load_dtype(settings.dtype, target, source)  # keyed as a later --reference run will key it
-            saving = Reference(lm, settings.reference_cache, reference_key(source, stream.ids, seqlen, n, own_dtype, target))
+            saving = Reference(lm, settings.reference_cache, reference_key(source, stream.ids, seqlen, n, own_dtype, target, bos_id))
         on_window = progress(f"eval {dataset}", n) if progress else None
         try:
-            result = perplexity(lm, stream.ids, seqlen, max_windows, target, on_window, ref, saving)
+            result = perplexity(lm, stream.ids, seqlen, max_windows, target, on_window, ref, saving, bos_id)
         except NumericalError:
             check_finite_weights(lm, source.describe())  # a NaN/Inf weight is the input's fault (exit 2), named
             raise
@@ -175,6 +179,8 @@ def _entry(stream, seqlen: int, result: PerplexityResult, ref_source: ModelSourc
         "tokens": stream.ids.numel(),
         "seqlen": seqlen,
         "windows": result.windows,
+        "window_layout": stream.rule.describe(seqlen),
+        **stream.rule.meta(),
         "ppl": result.ppl,
         "seconds": result.seconds,
     }

