@@ -15,8 +15,7 @@ void decode_row_mixed(const kernel_args *a, int64_t n, float *out) {
         const int64_t code_base = t[1], code_columns = t[2], first = t[3], zero_base = t[4], of_width = t[5], rank = t[6];
         const float s = half_to_float(scales[n * groups + g]);
         const int64_t start = g * group_size, end = start + group_size < K ? start + group_size : K;
-        bit_reader codes = reader_at(words, code_base + (n * code_columns + first) * width);
-        take_run(&codes, width, end - start, out + start);
+        unpack_run(words, code_base + (n * code_columns + first) * width, width, end - start, out + start);
         if (width == 1) {
             const float mu = half_to_float(means[n * of_width + rank]);
             for (int64_t k = start; k < end; k++) out[k] = mu + s * (2 * out[k] - 1);
