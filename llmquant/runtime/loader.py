@@ -106,6 +106,12 @@ def check_loadable(checkpoint: Checkpoint, directory: Path) -> None:
     build_model(dataclasses.replace(checkpoint, plain=dict(checkpoint.plain)), checkpoint.model_dtype, directory)
 
 
+def model_skeleton(checkpoint: Checkpoint, directory: Path) -> PreTrainedModel:
+    """The model of the checkpoint's config.json with every parameter on the meta device (its module
+    names and kinds, no weights): what exports ask which linears a loader will look for."""
+    return _empty_model(checkpoint, checkpoint.model_dtype, Path(directory) / CONFIG_FILE)
+
+
 def pack_checkpoint(
     src: str | Path, dst: str | Path, fmt: str, dtype: torch.dtype | str | None = None, force: bool = False
 ) -> None:
