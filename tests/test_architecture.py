@@ -35,6 +35,7 @@ FLOORS = {
     "llmquant.resume": 7,
     "llmquant.evaluate": 7,
     "llmquant.export": 7,
+    "llmquant.hf_quantizer": 7,
     "llmquant.quantize": 8,
     "llmquant.bench": 8,
     "llmquant.cli": 9,

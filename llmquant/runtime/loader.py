@@ -94,7 +94,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, directory: Path) -> 
     UserError for anything that does not fit the config."""
     model = _empty_model(checkpoint, dtype, directory / CONFIG_FILE)
     weights_path = directory / WEIGHTS_FILE
-    _install_linears(model, checkpoint, dtype, weights_path)
+    install_linears(model, checkpoint, dtype, weights_path)
     _load_plain(model, checkpoint.plain, dtype, weights_path)
     return model
 
@@ -183,7 +183,7 @@ def _no_init_weights():
     return no_init_weights()
 
 
-def _install_linears(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, path: Path) -> None:
+def install_linears(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, path: Path) -> None:
     for name, linear in checkpoint.linears.items():
         try:
             module = model.get_submodule(name)
