@@ -308,3 +308,93 @@ def test_gptq_needs_one_setting_and_every_decoder_linear(tmp_path):
     export(src, tmp_path / "ct", "compressed-tensors", "--sym-widen")  # several config groups instead
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert len(config["config_groups"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF
+
+
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def gguf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every linear's weight as gguf's own reader dequantizes it, under llmquant's module names, in
+    llama.cpp's q/k row order; with each tensor's type name."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(path))
+    found = {}
+    for tensor in reader.tensors:
+        parts = tensor.name.split(".")
+        if parts[0] != "blk" or parts[2] not in GGUF_NAMES.values():
+            continue
+        module = {v: k for k, v in GGUF_NAMES.items()}[parts[2]]
+        prefix = "self_attn" if module.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+        weight = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        found[f"model.layers.{parts[1]}.{prefix}.{module}"] = (weight, tensor.tensor_type.name)
+    return found
+
+
+@pytest.mark.parametrize(
+    "method, config, qtype",
+    [
+        ("rtn", {"bits": 3, "group_size": 32, "sym": False}, "Q4_0"),  # c - z in [-7, 7]
+        ("rtn", {"bits": 4, "group_size": 32, "sym": False}, "Q5_0"),  # [-15, 15]
+        ("gptq", {"bits": 4, "group_size": -1, "sym": True}, "Q4_0"),  # per-row scales, q = c
+        ("rtn", {"bits": 8, "group_size": 64, "sym": True}, "Q8_0"),  # [-128, 127]
+    ],
+)
+def test_gguf_export_reads_back_exactly(method, config, qtype, tmp_path):
+    from llmquant.export.gguf import permute_rows
+
+    src = tmp_path / "src"
+    _, records = quantized_tiny(src, method, config)
+    summary = export(src, tmp_path / "gguf", "gguf")
+    weights = gguf_weights(tmp_path / "gguf" / "model.gguf")
+    assert set(weights) == set(records)
+    for name, record in records.items():
+        expected = record.dequantized
+        if name.endswith("q_proj"):
+            expected = permute_rows(expected, 4)  # llama.cpp's rotary row order (heads=4, kv heads=2)
+        elif name.endswith("k_proj"):
+            expected = permute_rows(expected, 2)
+        weight, found = weights[name]
+        assert found == qtype and summary["linears"][name]["gguf_type"] == qtype
+        assert torch.equal(weight, expected), name
+        assert summary["linears"][name]["max_abs_delta"] == 0.0
+
+
+def test_transformers_loads_the_gguf_export_exactly(gptq3, tmp_path):
+    """transformers' gguf_file= loader (which reverses the q/k permutation): the decoded weights,
+    and the logits of llmquant's packed model (reference backend) at float32."""
+    import llmquant
+    from llmquant.runtime.qlinear import set_backend
+
+    src, _, records = gptq3
+    export(src, tmp_path / "gguf", "gguf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf", dtype=torch.float32)
+    for name, record in records.items():
+        assert torch.equal(model.get_submodule(name).weight, record.dequantized), name
+    native = llmquant.load(src)
+    set_backend(native, "torch")
+    assert torch.equal(logits(model), logits(native))
+
+
+def test_gguf_q4_1_only_with_allow_approximate_and_its_error_reported(rtn4, tmp_path):
+    from llmquant.export.gguf import permute_rows
+
+    src, _, records = rtn4
+    summary = export(src, tmp_path / "q41", "gguf", "--gguf-type", "q4_1", "--allow-approximate")
+    weights = gguf_weights(tmp_path / "q41" / "model.gguf")
+    deltas = []
+    for name, record in records.items():
+        weight, found = weights[name]
+        assert found == "Q4_1"
+        heads = 4 if name.endswith("q_proj") else 2 if name.endswith("k_proj") else None
+        expected = permute_rows(record.dequantized, heads) if heads else record.dequantized
+        delta = float((weight - expected).abs().max())
+        assert delta == pytest.approx(summary["linears"][name]["max_abs_delta"], abs=0)
+        deltas.append(delta)
+    assert max(deltas) > 0  # m = -s*z rounded to fp16: not exact, and said so

@@ -42,6 +42,7 @@ class ExportLinear:
     meta: dict[str, Any]
     widened: bool = False
     gguf_type: str | None = None
+    max_abs_delta: float | None = None  # gguf: |what llama.cpp decodes - llmquant's decode|, max
 
 
 def _describe(meta: dict[str, Any], cols: int) -> str:
@@ -148,6 +149,8 @@ def export_checkpoint(
     checkpoint = read_checkpoint(src)
     if not checkpoint.linears:
         raise UserError(f"{src}: no quantized linears to export")
+    if fmt == "gguf":
+        gguf.check(checkpoint, src)
     types = check_linears(checkpoint, fmt, sym_widen, gguf_type, allow_approximate)
     check_loadable(checkpoint, src)
     skipped = unquantized_linears(checkpoint, src)
@@ -169,6 +172,10 @@ def export_checkpoint(
         if widened:
             tensors, meta = uniform_export.widen_sym(tensors, meta)
         linears[name] = ExportLinear(name, tensors, meta, widened, types[name])
+        if types[name] is not None:
+            # What llama.cpp will compute from the blocks, against the layout's decode: 0 for the exact types.
+            held = uniform_export.gguf_dequantized_block_values(tensors, meta, types[name])
+            linears[name].max_abs_delta = float((held - packers.dequantize(linear)).abs().max())
     target = dtype or checkpoint.model_dtype
     with atomic_output_dir(dst, force, inputs=[src]) as partial:
         if fmt == "gguf":
@@ -186,7 +193,8 @@ def export_checkpoint(
             "bytes": sum((partial / f).stat().st_size for f in files),
             "linears": {
                 name: {"shape": list(checkpoint.linears[name].shape), "as": _describe(e.meta, checkpoint.linears[name].shape[1]),
-                       "widened": e.widened, **({"gguf_type": e.gguf_type} if e.gguf_type else {})}
+                       "widened": e.widened,
+                       **({"gguf_type": e.gguf_type, "max_abs_delta": e.max_abs_delta} if e.gguf_type else {})}
                 for name, e in linears.items()
             },
             "unquantized_linears": skipped,

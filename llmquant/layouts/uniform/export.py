@@ -37,7 +37,7 @@ GGUF_BLOCK = 32
 GGUF_EXACT = ("Q4_0", "Q5_0", "Q8_0")  # smallest first
 GGUF_APPROXIMATE = ("Q4_1",)
 # The range of c - z each exact type holds: q = (c - z) + offset must fit in its unsigned width.
-_GGUF_RANGE = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q8_0": (-127, 127)}
+_GGUF_RANGE = {"Q4_0": (-8, 7), "Q5_0": (-16, 15), "Q8_0": (-128, 127)}
 
 
 def per_row(meta: dict[str, Any], cols: int) -> bool:
