@@ -162,7 +162,9 @@ def gguf_read(native, out: Path, windows, reference_fp32) -> dict:
     }
 
 
-def round_trip(src: Path, windows, reference_fp32, work: Path) -> dict:
+def round_trip(src: Path, windows, reference, work: Path) -> dict:
+    """from_pretrained as a user calls it (transformers' default dtype: the checkpoint's), against the
+    native model at that dtype."""
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(src)
     seconds = time.perf_counter() - start
@@ -171,7 +173,7 @@ def round_trip(src: Path, windows, reference_fp32, work: Path) -> dict:
     backend = next(m.backend for m in model.modules() if hasattr(m, "backend"))
     set_backend(model, "torch-cached")
     result = {"from_pretrained_seconds": seconds, "module_types": sorted(kinds), "default_backend": backend,
-              **kl_against(reference_fp32(), all_logits(model, windows))}
+              "dtype": str(model.dtype), **kl_against(reference(model.dtype)(), all_logits(model, windows))}
     model.save_pretrained(work / "resaved")
     result["save_pretrained_verify_ok"] = verify_checkpoint(work / "resaved")["ok"]
     before, after = read_checkpoint(src), read_checkpoint(work / "resaved")
@@ -234,7 +236,7 @@ def main() -> None:
                       f"KL={row['kl_mean']:.3g}  identical logits={row['logits_identical']}", flush=True)
                 entry["exports"].append(row)
                 shutil.rmtree(out)
-            entry["transformers_round_trip"] = round_trip(native_dir, windows, reference(torch.float32), work)
+            entry["transformers_round_trip"] = round_trip(native_dir, windows, reference, work)
             print(f"  from_pretrained round trip: {entry['transformers_round_trip']}", flush=True)
         results["checkpoints"][str(native_dir)] = entry
     if args.json:
