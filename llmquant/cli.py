@@ -385,32 +385,68 @@ def bench(
 def pack(
     model: Annotated[str, typer.Option(help="llmquant checkpoint directory")],
     output: Annotated[Path, typer.Option(help="directory to write")],
-    fmt: Annotated[str, typer.Option("--format", help="packed (real bits) or fake (plain dequantized HF checkpoint)")],
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="packed (native, real bits), fake (plain dequantized HF checkpoint), or an export for serving "
+            "engines: compressed-tensors, gptq (v2 zero points), gguf (uniform layout only; exact)",
+        ),
+    ],
     dtype: Annotated[
         Optional[str], typer.Option(help="dtype of the unquantized tensors (and fake weights): float16, bfloat16, float32")
     ] = None,
+    sym_widen: Annotated[
+        bool,
+        typer.Option(
+            "--sym-widen", help="exports: store asymmetric b-bit linears as symmetric (b+1)-bit, exactly (e.g. 3 -> 4 for Marlin)"
+        ),
+    ] = False,
+    gguf_type: Annotated[
+        str,
+        typer.Option("--gguf-type", help="gguf: auto (the smallest exact type per linear: q4_0, q5_0, q8_0), or q4_0, q5_0, q8_0, q4_1"),
+    ] = "auto",
+    allow_approximate: Annotated[
+        bool, typer.Option("--allow-approximate", help="gguf: allow q4_1 (zero points re-rounded); measure its KL with `llmquant eval`")
+    ] = False,
     force: Force = False,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
-    """Re-encode a checkpoint: packed <-> fake-quant (see docs/format.md for the contract).
+    """Re-encode a checkpoint: packed <-> fake-quant, or export it for a serving engine (see docs/format.md,
+    "Which layout goes where").
 
     The source is checked as strictly as loading it (checksums, structure, the model of its config.json, every
-    linear decoded); nothing is written from a broken one."""
+    linear decoded); nothing is written from a broken one, nor when the target cannot hold a linear exactly."""
+    from llmquant.export import EXPORT_FORMATS
     from llmquant.formats import FORMATS
     from llmquant.runtime.loader import pack_checkpoint
 
-    if fmt not in FORMATS:
-        raise UserError(f"--format: expected packed or fake, got {fmt!r}")
+    if fmt not in FORMATS + EXPORT_FORMATS:
+        raise UserError(f"--format: expected one of {', '.join(FORMATS + EXPORT_FORMATS)}, got {fmt!r}")
     if dtype is not None:
         _check_flag("--dtype", lambda name: check_dtype(name, allow_auto=False), dtype)
+    if fmt in FORMATS and (sym_widen or gguf_type != "auto" or allow_approximate):
+        raise UserError("--sym-widen, --gguf-type and --allow-approximate apply to the export formats, not to " + fmt)
     if not Path(model).is_dir():
         raise UserError(f"model directory not found: {model}")
-    pack_checkpoint(model, output, fmt, dtype=dtype, force=force)
-    if as_json:
-        _print_json({"model": model, "output": str(output), "format": fmt})
+    if fmt in FORMATS:
+        pack_checkpoint(model, output, fmt, dtype=dtype, force=force)
+        summary = {"model": model, "output": str(output), "format": fmt}
     else:
-        typer.echo(f"wrote {output} ({fmt})")
+        from llmquant.devices import resolve_dtype
+        from llmquant.export import export_checkpoint
+
+        resolved = resolve_dtype(dtype) if dtype is not None else None
+        summary = export_checkpoint(
+            model, output, fmt, sym_widen=sym_widen, dtype=resolved, gguf_type=gguf_type,
+            allow_approximate=allow_approximate, force=force,
+        )
+    if as_json:
+        _print_json(summary)
+    else:
+        size = f", {summary['bytes'] / 2**20:.1f} MiB" if "bytes" in summary else ""
+        typer.echo(f"wrote {output} ({fmt}{size})")
 
 
 @app.command()

@@ -122,6 +122,13 @@ def write_safetensors(
     return metadata
 
 
+def checksums_of(tensors: dict[str, torch.Tensor]) -> str:
+    """The CHECKSUMS_KEY header entry of a file holding `tensors` (for writers other than this one)."""
+    return checksums_json(
+        {name: tensor_checksum(DTYPES[t.dtype], list(t.shape), _tensor_bytes(t)) for name, t in tensors.items()}
+    )
+
+
 def checksums_json(digests: dict[str, str]) -> str:
     """The canonical value of the CHECKSUMS_KEY header entry."""
     return json.dumps({"algorithm": CHECKSUM_ALGORITHM, "tensors": digests}, sort_keys=True, separators=(",", ":"))

@@ -34,6 +34,8 @@ FLOORS = {
     "llmquant.recipe": 6,
     "llmquant.resume": 7,
     "llmquant.evaluate": 7,
+    "llmquant.export": 7,
+    "llmquant.hf_quantizer": 7,
     "llmquant.quantize": 8,
     "llmquant.bench": 8,
     "llmquant.cli": 9,

@@ -43,7 +43,14 @@ from llmquant.errors import UserError
 from llmquant.formats import packers
 from llmquant.formats.packers import PackedLinear
 from llmquant.output import MANIFEST_FILE, atomic_output_dir, check_output_path
-from llmquant.safetensors_io import CHECKSUMS_KEY, content_digest, read_header, verify_checksums, write_safetensors
+from llmquant.safetensors_io import (
+    CHECKSUMS_KEY,
+    checksums_of,
+    content_digest,
+    read_header,
+    verify_checksums,
+    write_safetensors,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -111,6 +118,27 @@ def save_fake(
     _write_tensors(directory / RECORDS_FILE, _stored_tensors(packed), _header(packed, quantization, digest))
     _write_json(directory / CONFIG_FILE, _model_config(model))
     _save_generation_config(model, directory)
+
+
+def packed_state(
+    model: nn.Module, packed: dict[str, PackedLinear], quantization: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+    """What save_packed writes, for another writer (transformers' save_pretrained of a loaded packed
+    model): the tensors of model.safetensors, its header (with the tensors' checksums) and the
+    quantization_config bound to it. `packed`: the model's quantized linears in stored form; their
+    modules' own state (a QuantizedLinear's blob and buffers, a weight) is left out, biases kept."""
+    skip = {
+        f"{name}.{key}"
+        for name in packed
+        for key in model.get_submodule(name).state_dict()
+        if key != "bias"
+    }
+    tensors = _plain_tensors(model, skip=skip)
+    tensors.update(_stored_tensors(packed))
+    header = _header(packed)
+    header[CHECKSUMS_KEY] = checksums_of(tensors)
+    unbound = {key: value for key, value in quantization.items() if key != WEIGHTS_CHECKSUM}
+    return tensors, header, {**unbound, WEIGHTS_CHECKSUM: weights_digest(header)}
 
 
 def _pack_records(model: nn.Module, records: dict[str, QuantizedRecord]) -> dict[str, PackedLinear]:

@@ -94,7 +94,7 @@ def build_model(checkpoint: Checkpoint, dtype: torch.dtype, directory: Path) -> 
     UserError for anything that does not fit the config."""
     model = _empty_model(checkpoint, dtype, directory / CONFIG_FILE)
     weights_path = directory / WEIGHTS_FILE
-    _install_linears(model, checkpoint, dtype, weights_path)
+    install_linears(model, checkpoint, dtype, weights_path)
     _load_plain(model, checkpoint.plain, dtype, weights_path)
     return model
 
@@ -104,6 +104,12 @@ def check_loadable(checkpoint: Checkpoint, directory: Path) -> None:
     config.json describes (module names and shapes, biases, every plain tensor's place, shape and
     kind, nothing missing): the model is assembled around the tensors already read and dropped."""
     build_model(dataclasses.replace(checkpoint, plain=dict(checkpoint.plain)), checkpoint.model_dtype, directory)
+
+
+def model_skeleton(checkpoint: Checkpoint, directory: Path) -> PreTrainedModel:
+    """The model of the checkpoint's config.json with every parameter on the meta device (its module
+    names and kinds, no weights): what exports ask which linears a loader will look for."""
+    return _empty_model(checkpoint, checkpoint.model_dtype, Path(directory) / CONFIG_FILE)
 
 
 def pack_checkpoint(
@@ -177,7 +183,7 @@ def _no_init_weights():
     return no_init_weights()
 
 
-def _install_linears(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, path: Path) -> None:
+def install_linears(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype, path: Path) -> None:
     for name, linear in checkpoint.linears.items():
         try:
             module = model.get_submodule(name)
