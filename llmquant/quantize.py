@@ -173,7 +173,9 @@ def run_quantize(
     if streaming != "off":
         why_not = streamable(source)
         if why_not is None:
-            streamed = open_streamed(source, compute_dtype, lambda m: resolve_layers(m, recipe.skip).path)
+            # A data-free method (RTN, sign) runs no forward pass: nothing outside the layers is read.
+            needs_outer = get_method_class(recipe.method.name).needs_calibration
+            streamed = open_streamed(source, compute_dtype, lambda m: resolve_layers(m, recipe.skip).path, needs_outer)
             why_not = None if streamed is not None else "its tensor names differ from the model's"
         if streamed is None and streaming == "on":
             raise UserError(f"--streaming on: model {recipe.model} cannot be streamed ({why_not}); use --streaming auto")

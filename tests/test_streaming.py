@@ -4,6 +4,7 @@ a time, and the checkpoint is written from files; the bytes are those of a run o
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,25 @@ def test_sharded_checkpoints_load_verify_and_pack(tmp_path, corpus):
         load_quantized(sharded)
     victim.write_bytes(saved)
     load_quantized(sharded)
+
+
+def test_cli_shards_verifies_and_refuses_bad_sizes(tmp_path, corpus):
+    import os
+    import subprocess
+    import sys
+
+    def llmquant(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        return subprocess.run([sys.executable, "-m", "llmquant.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+
+    source = model_dir(tmp_path, "llama")
+    path = tmp_path / "rtn.yaml"
+    path.write_text(f"model: {source}\nmethod: {{name: rtn, bits: 3, group_size: 32}}\noutput: {tmp_path / 'q'}\n")
+    bad = llmquant("quantize", "--recipe", str(path), "--max-shard-size", "lots", "--quiet")
+    assert bad.returncode == 2 and "--max-shard-size" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    done = llmquant("quantize", "--recipe", str(path), "--max-shard-size", "20KB", "--streaming", "on", "--quiet", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["streamed"] is True
+    assert (tmp_path / "q" / "model.safetensors.index.json").is_file()
+    checked = llmquant("verify", str(tmp_path / "q"))
+    assert checked.returncode == 0, checked.stderr

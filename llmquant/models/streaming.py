@@ -36,6 +36,7 @@ from torch import nn
 
 from llmquant.errors import UserError
 from llmquant.models.loading import ModelSource, error_summary, model_load_errors
+from llmquant.provenance import release_memory
 from llmquant.safetensors_io import DTYPES, LazyTensor, read_header
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,10 @@ class StreamedModel:
         self._load_into(layer, prefix, list(layer.state_dict().keys()))
 
     def release(self, index: int, layer: nn.Module) -> None:
-        """Hands the layer's memory back: its tensors go back to the meta device."""
+        """Hands the layer's memory back: its tensors go back to the meta device, and the freed heap
+        to the system (glibc keeps freed memory of smaller allocations otherwise)."""
         layer.to("meta")
+        release_memory()
 
     # What the run records and writes ----------------------------------------------------------------
 
@@ -316,9 +319,12 @@ def streamable(source: ModelSource) -> str | None:
     return None
 
 
-def open_streamed(source: ModelSource, dtype: torch.dtype, layers_path_of: Callable[[nn.Module], str]) -> StreamedModel | None:
-    """The model of `source` on the meta device with its outer tensors loaded, or None (logged)
-    when its files do not hold the model's own tensor names (then load_pretrained applies)."""
+def open_streamed(
+    source: ModelSource, dtype: torch.dtype, layers_path_of: Callable[[nn.Module], str], load_outer: bool = True
+) -> StreamedModel | None:
+    """The model of `source` on the meta device with its outer tensors loaded (unless `load_outer` is
+    False: a data-free method runs no forward pass), or None (logged) when its files do not hold the
+    model's own tensor names (then load_pretrained applies)."""
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     index = TensorIndex.of(source.location)
@@ -346,5 +352,6 @@ def open_streamed(source: ModelSource, dtype: torch.dtype, layers_path_of: Calla
         except OSError:
             pass
     streamed = StreamedModel(model, index, layers_path_of(model), source.describe())
-    streamed.load_outer()
+    if load_outer:
+        streamed.load_outer()
     return streamed
