@@ -36,7 +36,7 @@ from torch import nn
 
 from llmquant.errors import UserError
 from llmquant.models.loading import ModelSource, error_summary, model_load_errors
-from llmquant.provenance import release_memory
+from llmquant.provenance import large_allocations_unmapped, release_memory
 from llmquant.safetensors_io import DTYPES, LazyTensor, read_header
 
 log = logging.getLogger(__name__)
@@ -105,14 +105,14 @@ class TensorIndex:
         path, entry = self.entry(name)
         dtype = self.dtype(name)
         nbytes = entry.end - entry.begin
-        buffer = bytearray(nbytes)
-        with open(path, "rb") as handle:
-            handle.seek(entry.begin)
-            if handle.readinto(buffer) != nbytes:
-                raise UserError(f"{path}: truncated (tensor {name})")
+        tensor = torch.empty(entry.shape, dtype=dtype)
         if not nbytes:
-            return torch.empty(entry.shape, dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+            return tensor
+        with open(path, "rb", buffering=0) as handle:  # straight into the tensor: no buffer to free
+            handle.seek(entry.begin)
+            if handle.readinto(tensor.reshape(-1).view(torch.uint8).numpy()) != nbytes:
+                raise UserError(f"{path}: truncated (tensor {name})")
+        return tensor
 
     def sample(self, name: str, count: int = 4096) -> torch.Tensor:
         """`flat[:: max(1, numel // count)]` of the stored tensor, touching only the pages it reads."""
@@ -330,6 +330,7 @@ def open_streamed(
     index = TensorIndex.of(source.location)
     if index is None:
         return None
+    large_allocations_unmapped()
     try:
         config = AutoConfig.from_pretrained(source.location)
         with torch.device("meta"):
