@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -92,6 +93,31 @@ def _check_flag(flag: str, check, value: str) -> None:
         raise UserError(f"{flag}: {error}") from None
 
 
+MaxShardSize = Annotated[
+    Optional[str],
+    typer.Option(
+        help="a packed checkpoint larger than this is written as shards with model.safetensors.index.json "
+        "(like transformers: e.g. 5GB, 500MB, or bytes; 'none' for one file); default 5GB"
+    ),
+]
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _shard_bytes(text: str | None) -> int | None:
+    """--max-shard-size in bytes (None: no sharding); UserError for anything else."""
+    from llmquant.formats.checkpoint import DEFAULT_MAX_SHARD_BYTES
+
+    if text is None:
+        return DEFAULT_MAX_SHARD_BYTES
+    if text.strip().lower() == "none":
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else ""
+    if not match or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise UserError(f"--max-shard-size: expected a size such as 5GB, 500MB or a number of bytes, got {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 @app.command()
 def quantize(
     recipe: Annotated[Path, typer.Option("--recipe", "-r", help="recipe YAML")],
@@ -123,6 +149,14 @@ def quantize(
             "starts from layer 0 if there is none",
         ),
     ] = False,
+    streaming: Annotated[
+        str,
+        typer.Option(
+            help="auto: read the decoder layers from a local model's safetensors one at a time (the model is "
+            "never held in memory) when it can be, else load it whole; on: refuse what cannot be streamed; off"
+        ),
+    ] = "auto",
+    max_shard_size: MaxShardSize = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -154,6 +188,9 @@ def quantize(
             "calibration.bos": bos,
         },
     )
+    if streaming not in ("auto", "on", "off"):
+        raise UserError(f"--streaming: expected auto, on or off, got {streaming!r}")
+    shard_bytes = _shard_bytes(max_shard_size)
     parsed = load_recipe(recipe, overrides)
     with progress(quiet) as bar:
         task = bar.add_task("quantizing layers", total=None)
@@ -177,7 +214,10 @@ def quantize(
                 )
             bar.advance(task)
 
-        out, report = run_quantize(parsed, force, data_dir, fmt, on_layer_done=on_layer, on_start=on_start, resume=resume)
+        out, report = run_quantize(
+            parsed, force, data_dir, fmt, on_layer_done=on_layer, on_start=on_start, resume=resume,
+            streaming=streaming, max_shard_bytes=shard_bytes,
+        )  # fmt: skip
     if as_json:
         _print_json(report)
     else:
@@ -186,6 +226,7 @@ def quantize(
             f"wrote {out} ({report['method']}): bits/weight paper {bits['paper']:.3f}, code {bits['code']:.3f}, "
             f"storage {bits['storage']:.3f}; quantize {report['time_seconds']['quantize']:.1f}s, "
             f"peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB"
+            + (f", peak GPU {report['peak_memory']['cuda_bytes'] / 2**30:.2f} GiB" if "cuda_bytes" in report["peak_memory"] else "")
         )
 
 
@@ -410,6 +451,7 @@ def pack(
         bool, typer.Option("--allow-approximate", help="gguf: allow q4_1 (zero points re-rounded); measure its KL with `llmquant eval`")
     ] = False,
     force: Force = False,
+    max_shard_size: MaxShardSize = None,
     as_json: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -431,7 +473,7 @@ def pack(
     if not Path(model).is_dir():
         raise UserError(f"model directory not found: {model}")
     if fmt in FORMATS:
-        pack_checkpoint(model, output, fmt, dtype=dtype, force=force)
+        pack_checkpoint(model, output, fmt, dtype=dtype, force=force, max_shard_bytes=_shard_bytes(max_shard_size))
         summary = {"model": model, "output": str(output), "format": fmt}
     else:
         from llmquant.devices import resolve_dtype

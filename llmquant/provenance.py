@@ -81,6 +81,19 @@ def peak_rss() -> int | None:
     return None
 
 
+def large_allocations_unmapped() -> None:
+    """Make glibc serve every allocation of 1 MiB or more with its own mapping, returned to the system
+    when freed (a fixed M_MMAP_THRESHOLD; glibc otherwise raises the threshold after the first frees
+    and serves later large blocks from a heap that fragments and only grows). Streaming quantization
+    allocates and frees a layer's worth of large tensors per layer; without this its address space
+    grew ~20 MB per layer (what an RLIMIT_DATA cap counts), with it ~1 MB. No-op off glibc."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass
+
+
 def release_memory() -> None:
     """Free what earlier models left behind and hand glibc's free heap back to the system, so that the
     next model's RSS figures start from a clean floor."""

@@ -19,9 +19,10 @@ from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
 from llmquant.devices import resolve_device, resolve_dtype
 from llmquant.errors import UserError
 from llmquant.formats import save_fake, save_packed
-from llmquant.formats.checkpoint import REPORT_FILE, is_packed_checkpoint
+from llmquant.formats.checkpoint import DEFAULT_MAX_SHARD_BYTES, REPORT_FILE, Streamed, is_packed_checkpoint
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import resolve_layers
+from llmquant.models.streaming import open_streamed, streamable
 from llmquant.models.loading import (  # noqa: F401 - check_finite_weights: quantize's check, used by tests from here
     check_finite_weights,
     load_pretrained,
@@ -32,9 +33,11 @@ from llmquant.models.loading import (  # noqa: F401 - check_finite_weights: quan
 from llmquant.output import atomic_output_dir, check_output_path
 from llmquant.provenance import peak_memory, versions
 from llmquant.recipe import Recipe
-from llmquant.resume import WorkDir, check_work_dir
+from llmquant.resume import WorkDir, check_work_dir, environment, make_fingerprint
 
 log = logging.getLogger(__name__)
+
+STREAMING_CHOICES = ("auto", "on", "off")
 
 
 def build_report(
@@ -72,12 +75,22 @@ def build_report(
     }
 
 
-def write_checkpoint(model, tokenizer, records: dict[str, QuantizedRecord], directory: Path, fmt: str, info: dict) -> None:
-    """fmt: "packed" (real bits, llmquant's loader) or "fake" (plain dequantized HF checkpoint)."""
+def write_checkpoint(
+    model,
+    tokenizer,
+    records: dict[str, QuantizedRecord],
+    directory: Path,
+    fmt: str,
+    info: dict,
+    streamed: Streamed | None = None,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """fmt: "packed" (real bits, llmquant's loader; sharded above `max_shard_bytes`) or "fake"
+    (plain dequantized HF checkpoint)."""
     if fmt == "packed":
-        save_packed(model, records, directory, info)
+        save_packed(model, records, directory, info, streamed, max_shard_bytes)
     else:
-        save_fake(model, records, directory, info)
+        save_fake(model, records, directory, info, streamed)
     tokenizer.save_pretrained(directory)
 
 
@@ -131,11 +144,16 @@ def run_quantize(
     on_layer_done=None,
     on_start=None,
     resume: bool = False,
+    streaming: str = "auto",
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize and write the checkpoint. Every finished layer is checkpointed into the work
     directory next to the output (llmquant/resume.py); `resume` continues from there, `force`
     replaces an existing output and (without `resume`) discards an unfinished run's work directory.
-    on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays."""
+    on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays.
+    `streaming` (auto|on|off): read the decoder layers from the model's files one at a time instead
+    of loading the model whole (llmquant/models/streaming.py); auto streams whatever can be.
+    A packed checkpoint larger than `max_shard_bytes` is written as shards with an index."""
     # Everything that can fail cheaply fails before the model loads: the output (free, or replaceable
     # with --force: llmquant's own and holding no input; writable), the work directory, the model's
     # kind, a calibration file's windows.
@@ -146,11 +164,30 @@ def run_quantize(
     device = resolve_device(recipe.device)
     if source.kind == "dir" and is_packed_checkpoint(source.location):
         raise UserError(f"model {recipe.model}: a packed llmquant checkpoint; quantize needs the full-precision model")
+    if streaming not in STREAMING_CHOICES:
+        raise UserError(f"--streaming: expected one of {', '.join(STREAMING_CHOICES)}, got {streaming!r}")
     recipe = resolve_calibration_file(recipe)
     start = time.perf_counter()
-    model = load_pretrained(source, resolve_dtype(recipe.dtype, device))  # on the CPU; the runner moves layers
+    compute_dtype = resolve_dtype(recipe.dtype, device)
+    streamed = None
+    if streaming != "off":
+        why_not = streamable(source)
+        if why_not is None:
+            # A data-free method (RTN, sign) runs no forward pass: nothing outside the layers is read.
+            needs_outer = get_method_class(recipe.method.name).needs_calibration
+            streamed = open_streamed(source, compute_dtype, lambda m: resolve_layers(m, recipe.skip).path, needs_outer)
+            why_not = None if streamed is not None else "its tensor names differ from the model's"
+        if streamed is None and streaming == "on":
+            raise UserError(f"--streaming on: model {recipe.model} cannot be streamed ({why_not}); use --streaming auto")
+        if streamed is None:
+            log.info("loading %s whole (not streamed: %s)", source.describe(), why_not)
+    if streamed is not None:
+        model = streamed.model  # decoder layers on the meta device until the runner reads them
+        streamed.check_finite()
+    else:
+        model = load_pretrained(source, compute_dtype)  # on the CPU; the runner moves layers
+        check_finite_weights(model, source.describe())
     tokenizer = load_tokenizer(recipe.model)
-    check_finite_weights(model, source.describe())
     save_dtype = resolve_save_dtype(recipe.save_dtype, source)
     resolved = resolve_layers(model, recipe.skip)
     if resolved.generic:
@@ -176,10 +213,18 @@ def run_quantize(
         calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir, cal.bos)
         check_calibration_ids(calibration, model)
     calibrated = time.perf_counter()
-    work = WorkDir.open(recipe, model, source.describe(), calibration, device, resume, force)
+    if streamed is not None:
+        fingerprint = make_fingerprint(recipe.settings(), streamed.identity(), calibration.windows, calibration.sha256)
+        work = WorkDir.open_at(recipe.output, fingerprint, environment(device, model.dtype), resume, force)
+    else:
+        work = WorkDir.open(recipe, model, source.describe(), calibration, device, resume, force)
     try:
         resume_point = work.load(model, resolved, method, data_free) if resume else None
         restored = resume_point.start if resume_point else 0
+        if streamed is not None and resume_point is not None:
+            for record in resume_point.records.values():  # in the layer files; read back when writing
+                record.tensors = {}
+                record.dequantized = torch.empty(record.dequantized.shape, dtype=record.dequantized.dtype, device="meta")
         if on_start:
             on_start(len(resolved.layers), restored)
         runner = SequentialRunner(
@@ -190,6 +235,7 @@ def run_quantize(
             getattr(torch, recipe.hessian_dtype),
             on_layer_done=on_layer_done,
             sink=work.save_layer,
+            store=streamed,
         )
         records, layers = runner.run(None if data_free else calibration.windows, resume_point)
         quantized = time.perf_counter()
@@ -202,13 +248,20 @@ def run_quantize(
         }
         report = build_report(recipe, source.describe(), calibration, records, layers, total_params, seconds, summary, device)
         report["resumed_layers"] = restored
-        if model.dtype != save_dtype:
+        report["streamed"] = streamed is not None
+        written_from = None
+        if streamed is not None:
+            # The packed linears are read back from the work directory and the plain tensors from the
+            # model's files, one at a time, as the writer reaches them.
+            skip = {f"{name}.weight" for name in records}
+            written_from = Streamed(work.stored_linears(len(resolved.layers)), streamed.plain_tensors(skip, save_dtype), save_dtype)
+        elif model.dtype != save_dtype:
             model.to(save_dtype)  # unquantized tensors only matter now; records keep their own precision
         with atomic_output_dir(recipe.output, force, inputs) as tmp:
             writing = time.perf_counter()
             # The output path is left out so that the checkpoint's bytes do not depend on where it is written.
             info = {"method": recipe.method.name, "bits": report["bits"], "recipe": recipe.settings()}
-            write_checkpoint(model, tokenizer, records, tmp, fmt, info)
+            write_checkpoint(model, tokenizer, records, tmp, fmt, info, written_from, max_shard_bytes)
             for filename, data in method.artifacts().items():
                 (tmp / filename).write_text(json.dumps(data, indent=1))
             report["time_seconds"]["write"] = time.perf_counter() - writing

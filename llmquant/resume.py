@@ -47,7 +47,7 @@ from llmquant.formats.packers import PackedLinear, pack, unpack
 from llmquant.layouts import decode
 from llmquant.models.layer_maps import ResolvedLayers
 from llmquant.output import fsync_dir
-from llmquant.safetensors_io import write_safetensors
+from llmquant.safetensors_io import DTYPES, LazyTensor, read_header, write_safetensors
 
 if TYPE_CHECKING:
     from llmquant.data.calibration import CalibrationSet
@@ -200,6 +200,22 @@ def _short(value: Any) -> str:
 
 # --------------------------------------------------------------------------------------------------
 # Files
+
+
+def _lazy(path: Path, entry: Any) -> LazyTensor:
+    dtype = {name: dtype for dtype, name in DTYPES.items()}[entry.dtype]
+
+    def load() -> torch.Tensor:
+        nbytes = entry.end - entry.begin
+        buffer = bytearray(nbytes)
+        with open(path, "rb") as handle:
+            handle.seek(entry.begin)
+            handle.readinto(buffer)
+        if not nbytes:
+            return torch.empty(entry.shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry.shape)
+
+    return LazyTensor(dtype, entry.shape, load)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -370,6 +386,24 @@ class WorkDir:
 
     # Reading -----------------------------------------------------------------------------------
 
+    def stored_linears(self, count: int) -> dict[str, PackedLinear]:
+        """The stored form of every linear of layers 0..count-1, as the checkpoint stores them, with
+        tensors read from the layer files only when the writer reaches them (streaming: the packed
+        model is never held in memory)."""
+        linears: dict[str, PackedLinear] = {}
+        for index in range(count):
+            path = self.path / layer_file(index)
+            try:
+                header = read_header(path)
+                meta = json.loads(header.metadata[META_KEY])
+                for entry in meta["records"]:
+                    name, descriptor = entry["name"], entry["descriptor"]
+                    stored = {key: _lazy(path, header.entries[f"{name}.{key}"]) for key in descriptor["tensors"]}
+                    linears[name] = PackedLinear.from_descriptor(descriptor, stored)
+            except (OSError, KeyError, TypeError, ValueError) as error:
+                raise UserError(f"{path}: unreadable work file ({' '.join(str(error).split())}); pass --force to start over") from None
+        return linears
+
     def load(self, model: nn.Module, resolved: ResolvedLayers, method: Method, data_free: bool = False) -> ResumePoint | None:
         """Restores the finished layers into `model` and `method`; None when there are none. A
         data-free run (no calibration, so no hidden states) continues after its last finished layer."""
@@ -428,8 +462,9 @@ class WorkDir:
                 if packed.shape != (module.out_features, module.in_features):
                     raise ValueError(f"{name} is stored as {list(packed.shape)}, the model has {module}")
                 own = unpack(packed)
-                weight = decode(packed.layout, own, packed.meta)
-                module.weight.data.copy_(weight.to(module.weight.dtype))
+                if not module.weight.is_meta:  # streaming: a finished layer is never read again
+                    weight = decode(packed.layout, own, packed.meta)
+                    module.weight.data.copy_(weight.to(module.weight.dtype))
                 records[name] = QuantizedRecord(
                     dequantized=module.weight.data,
                     layout=packed.layout,

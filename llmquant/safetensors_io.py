@@ -59,6 +59,28 @@ CHECKSUM_ALGORITHM = "xxh3_64"
 MAX_HEADER_BYTES = 100 * 2**20  # what the safetensors library itself accepts
 
 
+class LazyTensor:
+    """A tensor the writer reads only when it reaches it (`load()`, once per pass), so that a
+    checkpoint larger than memory is written one tensor at a time (streaming quantization)."""
+
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], load: Any):
+        self.dtype = dtype
+        self.shape = torch.Size(shape)
+        self._load = load
+
+    def load(self) -> torch.Tensor:
+        tensor = self._load()
+        if tensor.dtype != self.dtype or tuple(tensor.shape) != tuple(self.shape):
+            raise ValueError(f"lazy tensor loaded as {tensor.dtype} {list(tensor.shape)}, declared {self.dtype} {list(self.shape)}")
+        return tensor
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
 def tensor_checksum(dtype: str, shape: list[int] | tuple[int, ...], data: Any) -> str:
     """xxh3-64 (hex) of one stored tensor: its safetensors dtype and shape, then its bytes."""
     digest = xxhash.xxh3_64()
@@ -71,6 +93,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> Any:
     """The tensor's bytes as stored (little-endian, row-major), as a buffer; empty for no elements."""
     if not tensor.numel():
         return b""
+    if isinstance(tensor, LazyTensor):
+        tensor = tensor.load()
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 

@@ -25,6 +25,7 @@ FLOORS = {
     "llmquant.safetensors_io": 2,
     "llmquant.models.layer_maps": 2,
     "llmquant.models.loading": 2,
+    "llmquant.models.streaming": 3,
     "llmquant.data": 3,
     "llmquant.core": 3,
     "llmquant.layouts": 4,

@@ -174,6 +174,16 @@ class LayerSink(Protocol):
     ) -> None: ...
 
 
+class LayerStore(Protocol):
+    """Where decoder layers live between uses (streaming quantization, llmquant/models/streaming.py):
+    `materialize` reads layer `index` into host memory before the runner uses it (a no-op when it
+    is there), `release` hands its memory back after the sink has saved the layer's records."""
+
+    def materialize(self, index: int, layer: nn.Module) -> None: ...
+
+    def release(self, index: int, layer: nn.Module) -> None: ...
+
+
 class SequentialRunner:
     """Quantizes every selected linear of every decoder layer with one method backend."""
 
@@ -186,6 +196,7 @@ class SequentialRunner:
         hessian_dtype: torch.dtype = torch.float32,
         on_layer_done: Callable[[LayerReport], None] | None = None,
         sink: LayerSink | None = None,
+        store: LayerStore | None = None,
     ):
         self.model = model
         self.resolved = resolved
@@ -194,6 +205,7 @@ class SequentialRunner:
         self.hessian_dtype = hessian_dtype
         self.on_layer_done = on_layer_done
         self.sink = sink
+        self.store = store
 
     def run(
         self, windows: torch.Tensor | None, resume: ResumePoint | None = None
@@ -208,7 +220,11 @@ class SequentialRunner:
         if windows is None:
             self._run_data_free(start, records, reports)
             return records, reports
+        if self.store is not None:
+            self.store.materialize(0, layers[0])  # capture runs layer 0 once (what it returns)
         captured = capture_layer_inputs(self.model, layers, windows)
+        if self.store is not None and start > 0:
+            self.store.release(0, layers[0])
         inputs = captured.hidden.to(self.device)
         if resume is not None and start > 0:
             assert resume.inputs is not None
@@ -218,6 +234,8 @@ class SequentialRunner:
         for index in range(start, len(layers)):
             layer = layers[index]
             begin = time.perf_counter()
+            if self.store is not None:
+                self.store.materialize(index, layer)
             layer.to(self.device)
             kwargs = to_device(captured.layer_kwargs[index], self.device)
             layer_records: dict[str, QuantizedRecord] = {}
@@ -236,7 +254,18 @@ class SequentialRunner:
                 # The records keep the model's own (CPU) weight tensor, not the compute-device copy.
                 record.dequantized = layer.get_submodule(name.removeprefix(prefix)).weight.data
             self._finish_layer(index, begin, linear_reports, layer_records, None if last else inputs, records, reports)
+            self._release(index, layer, layer_records)
         return records, reports
+
+    def _release(self, index: int, layer: nn.Module, layer_records: dict[str, QuantizedRecord]) -> None:
+        """Streaming: after the sink saved the layer, its weights and its records' tensors leave
+        memory; the records keep their figures and a meta-device stand-in of the weight's shape."""
+        if self.store is None:
+            return
+        for record in layer_records.values():
+            record.dequantized = torch.empty(record.dequantized.shape, dtype=record.dequantized.dtype, device="meta")
+            record.tensors = {}
+        self.store.release(index, layer)
 
     def _finish_layer(
         self,
@@ -267,6 +296,8 @@ class SequentialRunner:
             prefix = f"{self.resolved.path}.{index}."
             layer_records: dict[str, QuantizedRecord] = {}
             linear_reports = []
+            if self.store is not None:
+                self.store.materialize(index, layers[index])
             for name in (n for group in self.resolved.groups[index] for n in group):
                 module = layers[index].get_submodule(name)
                 t0 = time.perf_counter()
@@ -281,6 +312,7 @@ class SequentialRunner:
                     )
                 )  # fmt: skip
             self._finish_layer(index, begin, linear_reports, layer_records, None, records, reports)
+            self._release(index, layers[index], layer_records)
 
     @torch.no_grad()
     def _forward(self, layer: nn.Module, inputs: torch.Tensor, kwargs: dict, returns_tuple: bool) -> torch.Tensor:

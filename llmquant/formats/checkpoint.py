@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import xxhash
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
@@ -45,6 +47,7 @@ from llmquant.formats.packers import PackedLinear
 from llmquant.output import MANIFEST_FILE, atomic_output_dir, check_output_path
 from llmquant.safetensors_io import (
     CHECKSUMS_KEY,
+    LazyTensor,
     checksums_of,
     content_digest,
     read_header,
@@ -73,8 +76,12 @@ WEIGHTS_CHECKSUM = "weights_checksum"  # quantization_config key (packed): binds
 # What the binding digest covers: every tensor's checksum and the linears' descriptors.
 _BOUND_KEYS = (CHECKSUMS_KEY, HEADER_LINEARS)
 
+INDEX_FILE = "model.safetensors.index.json"  # a sharded packed checkpoint: which shard holds each tensor
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+SHARD_PATTERN = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
 FORMATS = ("packed", "fake")
-_WRITTEN_FILES = {CONFIG_FILE, WEIGHTS_FILE, RECORDS_FILE}
+_WRITTEN_FILES = {CONFIG_FILE, WEIGHTS_FILE, RECORDS_FILE, INDEX_FILE}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,15 +93,18 @@ def save_packed(
     records: dict[str, QuantizedRecord],
     directory: str | Path,
     quantization_info: dict[str, Any],
+    streamed: "Streamed | None" = None,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """Write the packed checkpoint (config.json, model.safetensors, generation_config.json)
-    into the existing `directory`. The quantized linears' own weights are ignored."""
+    into the existing `directory`. The quantized linears' own weights are ignored. `streamed`:
+    the stored linears and the plain tensors come from files (streaming quantization), not from
+    `records`' tensors and the model's memory. Above `max_shard_bytes` the weights are written as
+    shards with an index (`_write_weights`)."""
     directory = Path(directory)
-    packed = _pack_records(model, records)
-    tensors = _plain_tensors(model, skip={f"{name}.weight" for name in records})
-    tensors.update(_stored_tensors(packed))
-    digest = _write_tensors(directory / WEIGHTS_FILE, tensors, _header(packed))
-    config = _model_config(model)
+    packed, tensors = _sources(model, records, streamed)
+    digest = _write_weights(directory, tensors, packed, max_shard_bytes)
+    config = _model_config(model, streamed.dtype if streamed else None)
     config["quantization_config"] = {**_quantization_config(records, quantization_info), WEIGHTS_CHECKSUM: digest}
     _write_json(directory / CONFIG_FILE, config)
     _save_generation_config(model, directory)
@@ -105,18 +115,21 @@ def save_fake(
     records: dict[str, QuantizedRecord],
     directory: str | Path,
     quantization_info: dict[str, Any] | None = None,
+    streamed: "Streamed | None" = None,
 ) -> None:
     """Write a plain transformers checkpoint whose quantized linears hold the decoded weights (in
     the model dtype), plus the records' stored tensors in the sidecar for `convert(..., "packed")`."""
     directory = Path(directory)
-    packed = _pack_records(model, records)
-    tensors = _plain_tensors(model, skip={f"{name}.weight" for name in records})
+    packed, tensors = _sources(model, records, streamed)
     for name, record in records.items():
-        tensors[f"{name}.weight"] = record.dequantized.detach().to("cpu", model.dtype).contiguous()
+        if streamed is None:
+            tensors[f"{name}.weight"] = record.dequantized.detach().to("cpu", model.dtype).contiguous()
+        else:
+            tensors[f"{name}.weight"] = LazyTensor(streamed.dtype, tuple(record.dequantized.shape), _decoder(packed[name], record.dequantized.dtype, streamed.dtype))
     digest = _write_tensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
     quantization = _quantization_config(records, quantization_info or {})
     _write_tensors(directory / RECORDS_FILE, _stored_tensors(packed), _header(packed, quantization, digest))
-    _write_json(directory / CONFIG_FILE, _model_config(model))
+    _write_json(directory / CONFIG_FILE, _model_config(model, streamed.dtype if streamed else None))
     _save_generation_config(model, directory)
 
 
@@ -139,6 +152,37 @@ def packed_state(
     header[CHECKSUMS_KEY] = checksums_of(tensors)
     unbound = {key: value for key, value in quantization.items() if key != WEIGHTS_CHECKSUM}
     return tensors, header, {**unbound, WEIGHTS_CHECKSUM: weights_digest(header)}
+
+
+@dataclass
+class Streamed:
+    """A streamed run's sources for writing (llmquant/models/streaming.py): the stored linears (lazy,
+    from the work directory), the plain tensors (lazy, from the model's files, cast to `dtype`), and
+    `dtype`, the dtype the checkpoint declares (the save dtype)."""
+
+    linears: dict[str, PackedLinear]
+    plain: dict[str, Any]
+    dtype: torch.dtype
+
+
+def _sources(model: nn.Module, records: dict[str, QuantizedRecord], streamed: Streamed | None) -> tuple[dict[str, PackedLinear], dict[str, Any]]:
+    if streamed is None:
+        return _pack_records(model, records), _plain_tensors(model, skip={f"{name}.weight" for name in records})
+    if set(streamed.linears) != set(records):
+        raise ValueError(f"the work directory holds {len(streamed.linears)} linears, the run {len(records)}")
+    return dict(sorted(streamed.linears.items())), dict(streamed.plain)
+
+
+def _decoder(packed: PackedLinear, compute: torch.dtype, target: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A fake checkpoint's weight from its stored form: decoded (float32), as the run held it (the
+    compute dtype), then in the checkpoint's dtype, exactly the values a run on the whole model writes."""
+
+    def load() -> torch.Tensor:
+        stored = {key: t.load() if isinstance(t, LazyTensor) else t for key, t in packed.tensors.items()}
+        linear = PackedLinear(packed.layout, packed.shape, packed.meta, stored, packed.encoding)
+        return packers.dequantize(linear).to(compute).to(target).contiguous()
+
+    return load
 
 
 def _pack_records(model: nn.Module, records: dict[str, QuantizedRecord]) -> dict[str, PackedLinear]:
@@ -217,12 +261,13 @@ def _quantization_config(records: dict[str, QuantizedRecord], info: dict[str, An
     }
 
 
-def _model_config(model: "PreTrainedModel") -> dict[str, Any]:
+def _model_config(model: "PreTrainedModel", dtype: torch.dtype | None = None) -> dict[str, Any]:
     """config.json contents as transformers' save_pretrained writes them, without any
-    quantization_config (the caller adds llmquant's where it belongs)."""
+    quantization_config (the caller adds llmquant's where it belongs). `dtype`: the dtype the
+    tensors are written in, when the model in memory holds another (streaming)."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
-    config.dtype = model.dtype
+    config.dtype = dtype or model.dtype
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return json.loads(config.to_json_string())
@@ -238,6 +283,56 @@ def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], header: dict[st
     """Writes the file with every tensor's checksum; returns its binding digest (weights_digest).
     Not safetensors' save_file: its metadata order varies between processes (docs/reliability.md)."""
     return weights_digest(write_safetensors(path, tensors, header, checksums=True))
+
+
+def shard_name(number: int, count: int) -> str:
+    return f"model-{number:05d}-of-{count:05d}.safetensors"
+
+
+def _nbytes(tensor: Any) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _write_weights(directory: Path, plain: dict[str, Any], packed: dict[str, PackedLinear], max_shard_bytes: int | None) -> str:
+    """A packed checkpoint's weights: model.safetensors when they fit `max_shard_bytes` (None: no
+    limit), else shards `model-0000i-of-0000n.safetensors` plus model.safetensors.index.json, each
+    quantized linear's tensors in one shard, with that shard's header holding its descriptor, so
+    every shard is self-describing. Returns the digest config.json records (weights_checksum): the
+    file's weights_digest, or for shards `sharded_digest` over theirs."""
+    units: list[tuple[str, dict[str, Any], dict[str, PackedLinear]]] = [(k, {k: t}, {}) for k, t in plain.items()]
+    units += [(name, {f"{name}.{k}": t for k, t in linear.tensors.items()}, {name: linear}) for name, linear in packed.items()]
+    units.sort(key=lambda unit: unit[0])
+    total = sum(_nbytes(t) for _, tensors, _ in units for t in tensors.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        tensors = dict(plain)
+        tensors.update(_stored_tensors(packed))
+        return _write_tensors(directory / WEIGHTS_FILE, tensors, _header(packed))
+    shards: list[tuple[dict[str, Any], dict[str, PackedLinear]]] = []
+    size = 0
+    for _, tensors, linears in units:
+        unit_bytes = sum(_nbytes(t) for t in tensors.values())
+        if not shards or (size + unit_bytes > max_shard_bytes and size > 0):
+            shards.append(({}, {}))
+            size = 0
+        shards[-1][0].update(tensors)
+        shards[-1][1].update(linears)
+        size += unit_bytes
+    weight_map: dict[str, str] = {}
+    digests = []
+    for number, (tensors, linears) in enumerate(shards, start=1):
+        name = shard_name(number, len(shards))
+        digests.append([name, _write_tensors(directory / name, tensors, _header(dict(sorted(linears.items()))))])
+        weight_map.update({key: name for key in tensors})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(directory / INDEX_FILE, index)
+    return sharded_digest(digests)
+
+
+def sharded_digest(digests: list[list[str]]) -> str:
+    """What binds a sharded checkpoint's weights to config.json: a digest over every shard's name
+    and weights_digest, in order (so a shard from another checkpoint, a missing or a renamed shard
+    are refused)."""
+    return "xxh3_64:" + xxhash.xxh3_64(json.dumps(digests, separators=(",", ":")).encode()).hexdigest()
 
 
 def weights_digest(metadata: dict[str, str]) -> str:
@@ -318,6 +413,8 @@ def read_checkpoint(directory: str | Path, packed_only: bool = False) -> Checkpo
             raise UserError(f"{config_path}: quantization_config is for {method!r}, not an llmquant checkpoint")
         _check_version(quantization.get("format_version"), config_path)
         weights_path = directory / WEIGHTS_FILE
+        if not weights_path.is_file() and (directory / INDEX_FILE).is_file():
+            return _read_sharded(directory, config, quantization)
         tensors, header = _read_tensors(weights_path)
         linears = _take_linears(tensors, header, weights_path)
         _check_modules(quantization, linears, config_path)
@@ -366,6 +463,59 @@ def read_checkpoint(directory: str | Path, packed_only: bool = False) -> Checkpo
         files.append(_verify(weights_path))
     _check_finite(plain, weights_path)
     return Checkpoint(config, quantization, plain, linears, "fake", files)
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The shards model.safetensors.index.json lists, in order; UserError if it is damaged."""
+    index_path = directory / INDEX_FILE
+    index = _read_json(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index_path}: no weight_map object of tensor name -> shard file")
+    names = sorted(set(weight_map.values()))
+    if not names or not all(SHARD_PATTERN.match(name) for name in names):
+        raise UserError(f"{index_path}: shard names must be model-NNNNN-of-NNNNN.safetensors, found {names[:2]}")
+    return [directory / name for name in names]
+
+
+def _read_sharded(directory: Path, config: dict[str, Any], quantization: dict[str, Any]) -> Checkpoint:
+    """A packed checkpoint written as shards: every shard's tensors, checksums and linears, the
+    index's map checked against the shards' contents, and the shards bound to config.json."""
+    index_path, config_path = directory / INDEX_FILE, directory / CONFIG_FILE
+    weight_map = _read_json(index_path)["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    linears: dict[str, PackedLinear] = {}
+    files, digests = [], []
+    for path in shard_files(directory):
+        shard, header = _read_tensors(path)
+        for key in shard:
+            if weight_map.get(key) != path.name or key in tensors:
+                raise UserError(f"{path}: holds {key}, which {index_path.name} places in {weight_map.get(key)!r}")
+        entry = _verify(path)
+        if entry["checksums"] != "verified":
+            raise UserError(f"{path}: a shard without checksums (not written by llmquant?)")
+        files.append(entry)
+        digests.append([path.name, weights_digest(header)])
+        found = _take_linears(shard, header, path)
+        linears.update(found)
+        for name, linear in found.items():
+            tensors.update({f"{name}.{key}": t for key, t in linear.tensors.items()})
+        _check_finite(shard, path)
+        tensors.update(shard)
+    listed = set(weight_map) - set(tensors)
+    if listed:
+        raise UserError(f"{index_path}: lists {sorted(listed)[0]} ({len(listed)} in all), which no shard holds")
+    expected, actual = quantization.get(WEIGHTS_CHECKSUM), sharded_digest(digests)
+    if expected != actual:
+        raise UserError(
+            f"{directory}: the shards are not those {config_path.name} was written with (quantization_config."
+            f"{WEIGHTS_CHECKSUM} is {expected}, the shards' is {actual}): a shard from another checkpoint?"
+        )
+    for name, linear in linears.items():  # the stored tensors were only collected for the map check
+        for key in linear.tensors:
+            tensors.pop(f"{name}.{key}")
+    _check_modules(quantization, linears, config_path)
+    return Checkpoint(config, quantization, tensors, linears, "packed", files)
 
 
 def verify_weights(directory: str | Path) -> dict[str, Any] | None:
@@ -537,6 +687,7 @@ def convert(
     dtype: torch.dtype | str | None = None,
     force: bool = False,
     check: Callable[[Checkpoint, Path], None] | None = None,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """Rewrite an llmquant checkpoint as `fmt` ("packed" or "fake") in `dst_dir`, optionally casting
     the non-quantized tensors (and fake weights) to `dtype`. Every other file of the source
@@ -570,8 +721,7 @@ def convert(
     unbound = {key: value for key, value in checkpoint.quantization.items() if key != WEIGHTS_CHECKSUM}
     with atomic_output_dir(dst, force, inputs=[src]) as partial:
         if fmt == "packed":
-            plain.update(_stored_tensors(checkpoint.linears))
-            digest = _write_tensors(partial / WEIGHTS_FILE, plain, _header(checkpoint.linears))
+            digest = _write_weights(partial, plain, checkpoint.linears, max_shard_bytes)
             config["quantization_config"] = {**unbound, WEIGHTS_CHECKSUM: digest}
         else:
             for name, linear in checkpoint.linears.items():
@@ -581,5 +731,6 @@ def convert(
             _write_tensors(partial / RECORDS_FILE, records, _header(checkpoint.linears, unbound, digest))
         _write_json(partial / CONFIG_FILE, config)
         for path in src.iterdir():
-            if path.is_file() and path.name not in _WRITTEN_FILES and path.name != MANIFEST_FILE:
+            written = path.name in _WRITTEN_FILES or SHARD_PATTERN.match(path.name)
+            if path.is_file() and not written and path.name != MANIFEST_FILE:
                 shutil.copy2(path, partial / path.name)

@@ -34,6 +34,7 @@ from llmquant.errors import UserError
 from llmquant.formats import packers
 from llmquant.formats.checkpoint import (
     CONFIG_FILE,
+    DEFAULT_MAX_SHARD_BYTES,
     WEIGHTS_FILE,
     Checkpoint,
     convert,
@@ -113,11 +114,16 @@ def model_skeleton(checkpoint: Checkpoint, directory: Path) -> PreTrainedModel:
 
 
 def pack_checkpoint(
-    src: str | Path, dst: str | Path, fmt: str, dtype: torch.dtype | str | None = None, force: bool = False
+    src: str | Path,
+    dst: str | Path,
+    fmt: str,
+    dtype: torch.dtype | str | None = None,
+    force: bool = False,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """`llmquant pack`: convert (llmquant/formats) with the source checked as strictly as loading it
     would be, so that a checkpoint that would not load is never written."""
-    convert(src, dst, fmt, dtype=dtype, force=force, check=check_loadable)
+    convert(src, dst, fmt, dtype=dtype, force=force, check=check_loadable, max_shard_bytes=max_shard_bytes)
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
