@@ -270,6 +270,7 @@ def evaluate_tasks(
                 limit=limit,
                 bootstrap_iters=BOOTSTRAP_ITERS,
                 log_samples=False,
+                task_manager=task_manager((name,)),  # else it indexes all 13,000 of lm-eval's tasks, twice
             )
         seconds = time.perf_counter() - start
         state["bar"] = None
@@ -297,6 +298,10 @@ def _silence_lm_eval_bars() -> None:
         quiet = functools.partial(task_module.tqdm, disable=True)
         quiet._llmquant_quiet = True  # type: ignore[attr-defined]
         task_module.tqdm = quiet
+    import lm_eval.evaluator as evaluator_module
+
+    # simple_evaluate's environment report (torch's collect_env, seconds per call) is not used here.
+    evaluator_module.add_env_info = lambda results: None
 
 
 def _number(value: Any) -> float | None:
