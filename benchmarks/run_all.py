@@ -146,7 +146,13 @@ def stored_parameters(path: Path) -> int:
 # with the weights decoded once (torch-cached), as every earlier table did; on CUDA the kernels run.
 BACKEND = ["--backend", "auto" if torch.cuda.is_available() else "torch-cached"]
 BENCH = ["--warmup", "1", "--repeats", "3", *BACKEND]
-QUICK = {"nsamples": "4", "max_windows": "4", "bench": ["--prompt-tokens", "64", "--new-tokens", "8", "--warmup", "0", "--repeats", "1", *BACKEND]}
+# The zero-shot column: mean lm-eval `acc` over a fixed task set, the first TASK_LIMIT documents of
+# each (docs/bench.md: why these and this limit). Local task data from $LLMQUANT_DATA/tasks, else the hub.
+TASKS = ("arc_easy", "piqa", "winogrande", "lambada_openai")
+TASK_LIMIT = 100
+TASK_ARGS = ["--tasks", ",".join(TASKS), "--batch-size", "8"]
+with_tasks = True  # main(): --no-tasks turns the column off
+QUICK = {"nsamples": "4", "max_windows": "4", "task_limit": "4", "bench": ["--prompt-tokens", "64", "--new-tokens", "8", "--warmup", "0", "--repeats", "1", *BACKEND]}
 
 
 def evaluate(
@@ -163,7 +169,24 @@ def evaluate(
         args += ["--kl", "--reference", str(reference)]
     if cache is not None:
         args += ["--reference-cache", str(cache)]
-    return llmquant(*args)["results"][0]
+    if with_tasks:
+        args += [*TASK_ARGS, "--limit", QUICK["task_limit"] if quick else str(TASK_LIMIT)]
+    report = llmquant(*args)
+    return {**report["results"][0], "zero_shot": zero_shot(report.get("tasks"))}
+
+
+def zero_shot(entries: list[dict] | None) -> dict | None:
+    """The column's figures from `eval --tasks` entries: per task acc ± stderr and items, and their mean."""
+    if not entries:
+        return None
+    from llmquant.evaluate import mean_accuracy
+
+    per_task = {
+        e["task"]: {"acc": e["scores"]["acc"]["value"], "acc_stderr": e["scores"]["acc"]["stderr"], "items": e["items"],
+                    "split": e["split"], "data_sha256": e["data_sha256"], "seconds": e["seconds"]}
+        for e in entries
+    }
+    return {"mean_acc": mean_accuracy(entries), "limit": entries[0]["limit"], "num_fewshot": entries[0]["num_fewshot"], "tasks": per_task}
 
 
 def baseline_evaluation(base: Path, runs: Path, quick: bool, windows: int | None = None) -> dict:
@@ -174,6 +197,8 @@ def baseline_evaluation(base: Path, runs: Path, quick: bool, windows: int | None
     with open(base / "model.safetensors", "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     key = {"model_sha256": digest, "quick": quick, "data": os.environ.get("LLMQUANT_DATA", "")}
+    if with_tasks:
+        key["tasks"] = [*TASKS, TASK_LIMIT]
     if windows:
         key["max_windows"] = windows
     cache = runs / "baseline-eval.json"
@@ -213,6 +238,7 @@ def run_one(
         "top1_agreement": evaluation.get("top1_agreement"),
         "kl_p99": evaluation.get("kl_p99"),
         "kl_computed_from": evaluation.get("kl_computed_from"),
+        "zero_shot": evaluation.get("zero_shot"),
         "eval_seconds": evaluation["seconds"],
         "bits": report["bits"],
         "checkpoint_bytes": dir_bytes(out),
@@ -325,6 +351,22 @@ def _fmt(value, spec: str, missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _pct(summary: dict | None) -> str:
+    return f"{100 * summary['mean_acc']:.1f}%" if summary and summary.get("mean_acc") is not None else "—"
+
+
+def zero_shot_note(summary: dict | None) -> str:
+    if not summary:
+        return "0-shot acc: not measured in this run (--no-tasks)."
+    limit = summary.get("limit")
+    return (
+        f"0-shot acc = the mean lm-evaluation-harness `acc` over {', '.join(summary['tasks'])} "
+        f"({'the first ' + format(limit, 'g') + ' documents of each' if limit else 'full splits'}, {summary['num_fewshot']}-shot, "
+        "`llmquant eval --tasks`); per task in results.json. With this limit one task's stderr is about ±5 points: "
+        "full splits are in docs/results-tasks.md."
+    )
+
+
 def write_results(
     rows: list[dict], baseline: dict, path_md: Path, path_json: Path, quick: bool = False, model: BenchModel | None = None
 ) -> None:
@@ -383,10 +425,12 @@ def write_results(
         f"models' most likely next token agree, over the same {windows * (seqlen - 1):,} predicted positions as the PPL (`llmquant eval --kl`).",
         speed_note,
         "",
-        "| run | method | calib | PPL | ΔPPL | KL | top-1 | paper | code | storage | size MiB | vs fp16 | quantize s | peak RSS GiB | decode ×fp |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| full precision | — | — | {baseline['ppl']:.2f} | — | 0 | 100% | 16 | 16 | 16 | {fp_bytes / 2**20:.1f} | 1.00× | — | — | "
-        f"{'1.00×' if fp_speed else '—'} |",
+        zero_shot_note(fp_eval.get("zero_shot")),
+        "",
+        "| run | method | calib | PPL | ΔPPL | KL | top-1 | 0-shot acc | paper | code | storage | size MiB | vs fp16 | quantize s | peak RSS GiB | decode ×fp |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| full precision | — | — | {baseline['ppl']:.2f} | — | 0 | 100% | {_pct(fp_eval.get('zero_shot'))} | 16 | 16 | 16 | "
+        f"{fp_bytes / 2**20:.1f} | 1.00× | — | — | {'1.00×' if fp_speed else '—'} |",
     ]
     for r in rows:
         b = r["bits"]
@@ -395,7 +439,7 @@ def write_results(
         lines.append(
             f"| {r['label']} | {r['method']} | {r['calibration']['dataset'] or 'none'} | {r['ppl']:.2f} | {r['ppl'] - baseline['ppl']:+.2f} | "
             f"{_fmt(r.get('kl'), '.4f')} | {_fmt(None if top1 is None else 100 * top1, '.1f')}{'%' if top1 is not None else ''} | "
-            f"{b['paper']:.3f} | {b['code']:.3f} | {b['storage']:.3f} | {r['checkpoint_bytes'] / 2**20:.1f} | "
+            f"{_pct(r.get('zero_shot'))} | {b['paper']:.3f} | {b['code']:.3f} | {b['storage']:.3f} | {r['checkpoint_bytes'] / 2**20:.1f} | "
             f"{r['checkpoint_bytes'] / fp_bytes:.2f}× | {r['quantize_seconds']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
             f"{_fmt(ratio, '.2f')}{'×' if ratio is not None else ''} |"
         )
@@ -440,6 +484,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny calibration, 4 eval windows, short bench")
     parser.add_argument("--max-windows", type=int,
                         help="evaluate every model on the first N windows only (P1: 128); the results say so")
+    parser.add_argument("--no-tasks", action="store_true", help="skip the zero-shot column (eval --tasks)")
     parser.add_argument("--no-kl", action="store_true", help="skip the KL divergence (eval --kl) of each checkpoint")
     parser.add_argument("--no-speed", action="store_true", help="skip the final `llmquant bench` of every checkpoint")
     parser.add_argument("--speed-only", action="store_true",
@@ -451,6 +496,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="default docs/results.json, another model's docs/results-KEY.json "
                         "(--quick: RUNS/results.json)")
     args = parser.parse_args()
+    global with_tasks
+    with_tasks = not args.no_tasks
     os.environ.setdefault("LLMQUANT_DATA", str(ROOT.parent / "shared" / "data"))
     model = bench_model(args.model)
     runs = args.runs or model.runs(args.quick)

@@ -284,7 +284,23 @@ def calibrate(
 @app.command("eval")
 def evaluate(
     model: Annotated[str, typer.Option(help="model directory (fp, fake-quant or packed), hub id, .gguf, or alias")],
-    ppl: Annotated[list[str], typer.Option(help="dataset(s): wikitext2, ptb, c4 or a .txt/.jsonl file")] = ["wikitext2"],  # noqa: B006
+    ppl: Annotated[
+        Optional[list[str]],
+        typer.Option(help="dataset(s): wikitext2, ptb, c4 or a .txt/.jsonl file (default wikitext2, none with --tasks alone)"),
+    ] = None,
+    tasks: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--tasks",
+            help="zero-shot tasks through lm-evaluation-harness, comma-separated: piqa,arc_easy,arc_challenge,winogrande,"
+            "boolq,lambada_openai,openbookqa (local data in --data-dir/tasks), any lm-eval task (hub); 'default' = those seven",
+        ),
+    ] = None,
+    num_fewshot: Annotated[int, typer.Option("--num-fewshot", help="--tasks: few-shot examples per prompt")] = 0,
+    limit: Annotated[
+        Optional[float], typer.Option("--limit", help="--tasks: only the first N documents per task (a fraction if < 1; smoke runs)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="--tasks: requests per forward")] = 1,
     seqlen: Annotated[Optional[int], typer.Option(help="window length (default 2048, p1: 512)")] = None,
     max_windows: Annotated[Optional[int], typer.Option(help="evaluate only the first N windows (p1: 128)")] = None,
     bos: Bos = None,
@@ -316,16 +332,23 @@ def evaluate(
     quiet: Quiet = False,
 ) -> None:
     """Perplexity under the papers' protocol (docs/protocol.md), with the protocol printed; with --kl,
-    KL divergence from a reference model and top-1 agreement over the same windows."""
+    KL divergence from a reference model and top-1 agreement over the same windows; with --tasks,
+    zero-shot task accuracy through lm-evaluation-harness (docs/tasks.md)."""
     from llmquant.evaluate import EvalSettings, run_eval
+    from llmquant.evaluate.tasks import parse_task_list, result_line
     from llmquant.ui import progress
 
     if kl and reference is None:
         raise UserError("--kl needs --reference (the model to compare against, e.g. the full-precision directory)")
     if reference is not None and not kl:
         raise UserError("--reference only applies with --kl")
+    task_names = parse_task_list(tasks or [])
     settings = EvalSettings(
-        datasets=tuple(ppl),
+        datasets=tuple(ppl) if ppl else (() if task_names else ("wikitext2",)),
+        tasks=task_names,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        batch_size=batch_size,
         seqlen=seqlen,
         max_windows=max_windows,
         protocol=protocol,
@@ -351,11 +374,15 @@ def evaluate(
                 f"positions; reference ppl {entry['reference_ppl']:.4f}"
             )
 
+    def on_task(entry: dict) -> None:
+        if not as_json:
+            typer.echo(result_line(entry))
+
     with progress(quiet) as bar:
 
         def window_progress(label: str, total: int):
             task = bar.add_task(label, total=total)
-            return lambda done, _total: bar.update(task, completed=done)
+            return lambda done, total: bar.update(task, completed=done, total=total)
 
         report = run_eval(
             model,
@@ -363,6 +390,7 @@ def evaluate(
             on_protocol=None if as_json else typer.echo,
             progress=window_progress,
             on_result=on_result,
+            on_task=on_task,
         )
     if as_json:
         _print_json(report)

