@@ -14,12 +14,14 @@ import torch
 
 from llmquant.version import __version__
 from llmquant.core.record import QuantizedRecord, combine
+from llmquant.core.refine import LayerRefiner
 from llmquant.core.runner import LayerReport, SequentialRunner
 from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
 from llmquant.devices import resolve_device, resolve_dtype
 from llmquant.errors import UserError
 from llmquant.formats import save_fake, save_packed
 from llmquant.formats.checkpoint import REPORT_FILE, is_packed_checkpoint
+from llmquant.layouts.refine import learnable
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import resolve_layers
 from llmquant.models.loading import (  # noqa: F401 - check_finite_weights: quantize's check, used by tests from here
@@ -131,11 +133,13 @@ def run_quantize(
     on_layer_done=None,
     on_start=None,
     resume: bool = False,
+    on_refine_epoch=None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize and write the checkpoint. Every finished layer is checkpointed into the work
     directory next to the output (llmquant/resume.py); `resume` continues from there, `force`
     replaces an existing output and (without `resume`) discards an unfinished run's work directory.
-    on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays."""
+    on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays;
+    on_refine_epoch(layer index, epoch, epochs, loss) reports the refinement's epochs (recipe `refine:`)."""
     # Everything that can fail cheaply fails before the model loads: the output (free, or replaceable
     # with --force: llmquant's own and holding no input; writable), the work directory, the model's
     # kind, a calibration file's windows.
@@ -167,7 +171,9 @@ def run_quantize(
         raise UserError(f"recipe: method: {error}") from None
     loaded = time.perf_counter()
     cal = recipe.calibration
-    data_free = not method_class.needs_calibration
+    # Refinement learns from the calibration inputs, so a data-free method (RTN) with a `refine:`
+    # block loads calibration data and runs the layers like any calibrated method.
+    data_free = not method_class.needs_calibration and recipe.refine is None
     if data_free:
         # RTN and sign look at the weights only: no data to load, no forward pass to run.
         log.info("%s needs no calibration data; the recipe's calibration block is not used", recipe.method.name)
@@ -190,6 +196,7 @@ def run_quantize(
             getattr(torch, recipe.hessian_dtype),
             on_layer_done=on_layer_done,
             sink=work.save_layer,
+            refiner=LayerRefiner(recipe.refine, learnable, on_refine_epoch) if recipe.refine is not None else None,
         )
         records, layers = runner.run(None if data_free else calibration.windows, resume_point)
         quantized = time.perf_counter()
