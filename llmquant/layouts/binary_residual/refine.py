@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from llmquant.core.refine import RefineConfig, fp16_ste
-from llmquant.layouts.base import FP16, expand_groups, signs_of
+from llmquant.core.refine import RefineConfig, fp16_ste, spread
+from llmquant.layouts.base import FP16, signs_of
 from llmquant.layouts.binary_residual.layout import PARAMS_PER_ROW_BLOCK
 
 
@@ -38,7 +38,7 @@ class BinaryResidualLearnable:
     def weight(self) -> torch.Tensor:
         p = self._params()
         bs = self.meta["blocksize"]
-        a1, m1, a2, m2, ca, cm, sa, sm = (expand_groups(p[:, :, k], self.cols, bs) for k in range(PARAMS_PER_ROW_BLOCK))
+        a1, m1, a2, m2, ca, cm, sa, sm = (spread(p[:, :, k], self.cols, bs) for k in range(PARAMS_PER_ROW_BLOCK))
         sal = a1 * self.s1 + m1 + a2 * self.s2 + m2
         rest = torch.where(self.tensors["sparse_mask"], sa * self.s1 + sm, ca * self.s1 + cm)
         return torch.where(self.salient, sal, rest)

@@ -28,7 +28,7 @@ class MixedLearnable:
         self.one_bit = expand_groups(self.one_bit_groups.unsqueeze(0), cols, gs).expand(rows, cols)
         col_group = torch.arange(cols, device=device) // gs
         maxq = (2 ** self.group_bits.long() - 1).float()
-        self.grid = ClippedGrid(weight, col_group, groups, maxq, False, config.clip_init)
+        self.grid = ClippedGrid(weight, col_group, groups, maxq, False, config.clip_init, gs)
         self.col_group = col_group
         self.codes = tensors["codes"].to(device)
         self.signs = self.codes.float() * 2 - 1
@@ -49,7 +49,7 @@ class MixedLearnable:
     def _decode(self):
         multi, codes, scale, zero = self.grid.quantize()
         alpha, mu = self._binary()
-        binary = mu[:, self.col_group] + alpha[:, self.col_group] * self.signs
+        binary = self.grid.spread(mu) + self.grid.spread(alpha) * self.signs
         weight = torch.where(self.one_bit, binary, multi)
         one = self.one_bit_groups.unsqueeze(0)
         return weight, torch.where(self.one_bit, self.codes.float(), codes), torch.where(one, alpha, scale), torch.where(one, mu, zero)

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from llmquant.core.refine import RefineConfig, fp16_ste, relative
-from llmquant.layouts.base import FP16, expand_groups, signs_of
+from llmquant.core.refine import RefineConfig, fp16_ste, relative, spread
+from llmquant.layouts.base import FP16, signs_of
 
 
 class PartialBinaryLearnable:
@@ -33,7 +33,7 @@ class PartialBinaryLearnable:
     def weight(self) -> torch.Tensor:
         alpha, mu = self._params()
         gs = self.meta["group_size"]
-        binary = expand_groups(mu, self.cols, gs) + expand_groups(alpha, self.cols, gs) * self.signs
+        binary = spread(mu, self.cols, gs) + spread(alpha, self.cols, gs) * self.signs
         return torch.where(self.tensors["salient_mask"], self.high, binary)
 
     @torch.no_grad()

@@ -23,7 +23,8 @@ class UniformLearnable:
         else:
             col_group = torch.arange(cols, device=weight.device) // meta["group_size"]
         maxq = torch.full((groups,), float(2 ** meta["bits"] - 1))
-        self.grid = ClippedGrid(weight, col_group, groups, maxq, meta["sym"], config.clip_init)
+        size = None if self.g_idx is not None else meta["group_size"]
+        self.grid = ClippedGrid(weight, col_group, groups, maxq, meta["sym"], config.clip_init, size)
         self.clip_params = self.grid.params
         self.scale_params: list[torch.Tensor] = []
 
