@@ -47,6 +47,9 @@ class RefineConfig(BaseModel):
         2e-3, gt=0.0, le=10.0, description="AdamW learning rate of binary scales/means, as offsets relative to the initial scale"
     )
     batch_size: int = Field(1, ge=1, le=100_000, description="calibration windows per optimizer step")
+    windows: int | None = Field(
+        None, ge=1, le=100_000, description="refine on the first N calibration windows only (None: all of them)"
+    )
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     clip_init: float = Field(4.0, ge=-20.0, le=20.0, description="initial clipping logit: sigmoid(4) = 0.982 of the range")
     seed: int = Field(0, ge=0, description="seed of the sample order (with the layer index)")
@@ -163,10 +166,13 @@ def refine_layer(
     records: the unrefined records; their `dequantized` weights are the starting point and the
     fallback. fp_weights: the full-precision weights (float32). inputs: the layer's calibration
     inputs [n, seq, hidden]; targets: the full-precision layer's outputs on them. The layer's own
-    parameters are never modified (the weights are substituted with torch.func.functional_call)."""
+    parameters are never modified (the weights are substituted with torch.func.functional_call).
+    With `config.windows`, only the first N windows are used, for training and for the loss."""
     import time
 
     begin = time.perf_counter()
+    if config.windows is not None:
+        inputs, targets = inputs[: config.windows], targets[: config.windows]
     device = inputs.device
     current = {name: r.dequantized.to(device, torch.float32) for name, r in records.items()}
     loss_before = reconstruction_loss(layer, current, inputs, targets, kwargs, returns_tuple)
