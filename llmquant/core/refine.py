@@ -125,7 +125,9 @@ def layer_seed(seed: int, index: int) -> int:
 
 
 def _call(layer: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, kwargs: dict, returns_tuple: bool) -> torch.Tensor:
-    params = {f"{name}.weight": w for name, w in weights.items()}
+    # The layer computes in its own dtype (fp16/bf16 on a GPU); the cast passes gradients through.
+    dtype = x.dtype
+    params = {f"{name}.weight": w.to(dtype) for name, w in weights.items()}
     out = functional_call(layer, params, (x,), kwargs, strict=False)
     return out[0] if returns_tuple else out
 

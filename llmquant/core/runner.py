@@ -228,7 +228,8 @@ class SequentialRunner:
             if self.refiner is not None:
                 # The full-precision layer's outputs on this layer's (quantized-model) inputs: the
                 # targets of the block-wise reconstruction.
-                targets = self._forward(layer, inputs, kwargs, captured.returns_tuple)
+                used = self.refiner.config.windows or inputs.shape[0]
+                targets = self._forward(layer, inputs[:used], kwargs, captured.returns_tuple)
                 refine = (targets, captured.returns_tuple)
             linear_reports = self._quantize_layer(index, layer, inputs, kwargs, layer_records, refine)
             refine = None
