@@ -71,6 +71,23 @@ def build_report(
             {"index": l.index, "seconds": l.seconds, "linears": [asdict(r) for r in l.linears]} for l in layers
         ],
         "method_summary": summary,
+        **({"refine": refine_summary(layers)} if recipe.refine is not None else {}),
+    }
+
+
+def refine_summary(layers: list[LayerReport]) -> dict[str, Any]:
+    """The refinement over the whole model (docs/refine.md): layers and linears whose records it
+    replaced, and the layers' reconstruction losses before and after (means over layers)."""
+    per_layer = [l.linears[0].stats.get("refine") for l in layers if l.linears]
+    per_layer = [r for r in per_layer if r]
+    linears = [r.stats.get("refine", {}) for l in layers for r in l.linears]
+    count = max(len(per_layer), 1)
+    return {
+        "layers_improved": sum(1 for r in per_layer if r["best_epoch"] > 0),
+        "layers": len(per_layer),
+        "linears_refined": sum(1 for r in linears if r.get("refined")),
+        "mean_loss_before": sum(r["loss_before"] for r in per_layer) / count,
+        "mean_loss_after": sum(r["loss_after"] for r in per_layer) / count,
     }
 
 

@@ -212,6 +212,8 @@ def test_a_refined_run_per_layout_end_to_end(tiny_llama_dir, corpus, tmp_path, m
     stats = [linear["stats"]["refine"] for layer in report["layers"] for linear in layer["linears"]]
     assert all(s["loss_after"] <= s["loss_before"] and s["epochs"] == 2 for s in stats)
     assert report["recipe"]["refine"]["epochs"] == 2
+    summary = report["refine"]
+    assert summary["layers"] == 2 and summary["mean_loss_after"] <= summary["mean_loss_before"]
     # the packed checkpoint decodes to exactly the fake-quant checkpoint's weights
     run_quantize(refined_recipe(tiny_llama_dir, corpus, fake_dir, method, lr=5e-2, scale_lr=1e-2), fmt="fake")
     fake = load_file(fake_dir / "model.safetensors")
@@ -303,3 +305,11 @@ def test_the_fused_group_fake_quant_matches_the_plain_straight_through_graph():
     assert torch.equal(q1, q2) and torch.equal(c1, c2)
     torch.testing.assert_close(u1, u2, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-7)
+
+
+def test_windows_limits_refinement_to_the_first_windows():
+    layer, records, fp, inputs, targets, kwargs, returns_tuple = tiny_layer_setup(rtn_record)
+    config = RefineConfig(epochs=1, windows=2)
+    result = refine_layer(layer, records, fp, inputs, targets, kwargs, returns_tuple, config, learnable)
+    current = {n: r.dequantized for n, r in records.items()}
+    assert result.loss_before == reconstruction_loss(layer, current, inputs[:2], targets[:2], kwargs, returns_tuple)
