@@ -230,14 +230,14 @@ def test_a_refined_run_per_layout_end_to_end(tiny_llama_dir, corpus, tmp_path, m
 
 def test_refined_runs_are_deterministic_and_resume_to_the_same_bytes(tiny_llama_dir, corpus, tmp_path, monkeypatch):
     first, second, resumed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    run_quantize(refined_recipe(tiny_llama_dir, corpus, first, "slim"))
-    run_quantize(refined_recipe(tiny_llama_dir, corpus, second, "slim"))
+    run_quantize(refined_recipe(tiny_llama_dir, corpus, first, "gptq"))
+    run_quantize(refined_recipe(tiny_llama_dir, corpus, second, "gptq"))
     assert_same_checkpoint(first, second)
     with monkeypatch.context() as patch:
         crash_after(patch, 0)
         with pytest.raises(Crash):
-            run_quantize(refined_recipe(tiny_llama_dir, corpus, resumed, "slim"))
-    _, report = run_quantize(refined_recipe(tiny_llama_dir, corpus, resumed, "slim"), resume=True)
+            run_quantize(refined_recipe(tiny_llama_dir, corpus, resumed, "gptq"))
+    _, report = run_quantize(refined_recipe(tiny_llama_dir, corpus, resumed, "gptq"), resume=True)
     assert report["resumed_layers"] == 1
     assert_same_checkpoint(first, resumed)
 
