@@ -313,3 +313,20 @@ def test_windows_limits_refinement_to_the_first_windows():
     result = refine_layer(layer, records, fp, inputs, targets, kwargs, returns_tuple, config, learnable)
     current = {n: r.dequantized for n, r in records.items()}
     assert result.loss_before == reconstruction_loss(layer, current, inputs[:2], targets[:2], kwargs, returns_tuple)
+
+
+def test_the_cli_shows_the_refinement_epochs(tiny_llama_dir, corpus, tmp_path):
+    from test_cli import llmquant
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {tiny_llama_dir}\n"
+        f"calibration: {{dataset: {corpus}, nsamples: 2, seqlen: 32, seed: 0}}\n"
+        "method: {name: pbllm}\n"
+        f"output: {tmp_path / 'out'}\n"
+        "refine: {epochs: 2}\n"
+    )
+    done = llmquant("quantize", "--recipe", str(recipe), "--json")
+    assert done.returncode == 0, done.stderr
+    assert "refinement epoch 2/2" in done.stderr and "refining" in done.stderr
+    assert json.loads(done.stdout)["refine"]["layers"] == 2
