@@ -214,9 +214,17 @@ def quantize(
                 )
             bar.advance(task)
 
+        refining: dict[str, int] = {}
+
+        def on_refine_epoch(index: int, epoch: int, epochs: int, loss: float) -> None:
+            if "task" not in refining:
+                refining["task"] = bar.add_task("refining", total=epochs)
+            bar.update(refining["task"], description=f"refining layer {index}", total=epochs, completed=epoch)
+            log.info("layer %d: refinement epoch %d/%d, reconstruction loss %.6g", index, epoch, epochs, loss)
+
         out, report = run_quantize(
             parsed, force, data_dir, fmt, on_layer_done=on_layer, on_start=on_start, resume=resume,
-            streaming=streaming, max_shard_bytes=shard_bytes,
+            streaming=streaming, max_shard_bytes=shard_bytes, on_refine_epoch=on_refine_epoch,
         )  # fmt: skip
     if as_json:
         _print_json(report)

@@ -14,12 +14,14 @@ import torch
 
 from llmquant.version import __version__
 from llmquant.core.record import QuantizedRecord, combine
+from llmquant.core.refine import LayerRefiner
 from llmquant.core.runner import LayerReport, SequentialRunner
 from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
 from llmquant.devices import resolve_device, resolve_dtype
 from llmquant.errors import UserError
 from llmquant.formats import save_fake, save_packed
 from llmquant.formats.checkpoint import DEFAULT_MAX_SHARD_BYTES, REPORT_FILE, Streamed, is_packed_checkpoint
+from llmquant.layouts.refine import learnable
 from llmquant.methods import get_method_class
 from llmquant.models.layer_maps import resolve_layers
 from llmquant.models.streaming import open_streamed, streamable
@@ -72,6 +74,23 @@ def build_report(
             {"index": l.index, "seconds": l.seconds, "linears": [asdict(r) for r in l.linears]} for l in layers
         ],
         "method_summary": summary,
+        **({"refine": refine_summary(layers)} if recipe.refine is not None else {}),
+    }
+
+
+def refine_summary(layers: list[LayerReport]) -> dict[str, Any]:
+    """The refinement over the whole model (docs/refine.md): layers and linears whose records it
+    replaced, and the layers' reconstruction losses before and after (means over layers)."""
+    per_layer = [l.linears[0].stats.get("refine") for l in layers if l.linears]
+    per_layer = [r for r in per_layer if r]
+    linears = [r.stats.get("refine", {}) for l in layers for r in l.linears]
+    count = max(len(per_layer), 1)
+    return {
+        "layers_improved": sum(1 for r in per_layer if r["best_epoch"] > 0),
+        "layers": len(per_layer),
+        "linears_refined": sum(1 for r in linears if r.get("refined")),
+        "mean_loss_before": sum(r["loss_before"] for r in per_layer) / count,
+        "mean_loss_after": sum(r["loss_after"] for r in per_layer) / count,
     }
 
 
@@ -146,11 +165,13 @@ def run_quantize(
     resume: bool = False,
     streaming: str = "auto",
     max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+    on_refine_epoch=None,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize and write the checkpoint. Every finished layer is checkpointed into the work
     directory next to the output (llmquant/resume.py); `resume` continues from there, `force`
     replaces an existing output and (without `resume`) discards an unfinished run's work directory.
-    on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays.
+    on_start(total_layers, finished_layers) and on_layer_done(LayerReport) drive progress displays;
+    on_refine_epoch(layer index, epoch, epochs, loss) reports the refinement's epochs (recipe `refine:`).
     `streaming` (auto|on|off): read the decoder layers from the model's files one at a time instead
     of loading the model whole (llmquant/models/streaming.py); auto streams whatever can be.
     A packed checkpoint larger than `max_shard_bytes` is written as shards with an index."""
@@ -204,7 +225,9 @@ def run_quantize(
         raise UserError(f"recipe: method: {error}") from None
     loaded = time.perf_counter()
     cal = recipe.calibration
-    data_free = not method_class.needs_calibration
+    # Refinement learns from the calibration inputs, so a data-free method (RTN) with a `refine:`
+    # block loads calibration data and runs the layers like any calibrated method.
+    data_free = not method_class.needs_calibration and recipe.refine is None
     if data_free:
         # RTN and sign look at the weights only: no data to load, no forward pass to run.
         log.info("%s needs no calibration data; the recipe's calibration block is not used", recipe.method.name)
@@ -236,6 +259,7 @@ def run_quantize(
             on_layer_done=on_layer_done,
             sink=work.save_layer,
             store=streamed,
+            refiner=LayerRefiner(recipe.refine, learnable, on_refine_epoch) if recipe.refine is not None else None,
         )
         records, layers = runner.run(None if data_free else calibration.windows, resume_point)
         quantized = time.perf_counter()

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from llmquant.core.refine import RefineConfig
 from llmquant.devices import check_device
 from llmquant.errors import UserError
 from llmquant.methods import MethodConfig, available_methods, get_method_class
@@ -164,6 +165,9 @@ class Recipe(BaseModel):
     )
     device: str = "auto"
     hessian_dtype: Literal["float32", "float64"] = "float32"
+    refine: RefineConfig | None = Field(
+        None, description="gradient refinement of every quantized layer after its method (llmquant/core/refine.py)"
+    )
 
     @field_validator("model")
     @classmethod
@@ -182,6 +186,10 @@ class Recipe(BaseModel):
         """JSON-able form (method block included) for llmquant.json."""
         data = self.model_dump(mode="json")
         data["method"] = self.method.model_dump(mode="json")
+        if data.get("refine") is None:
+            # Recipes without refinement keep the settings (checkpoint record, resume fingerprint)
+            # they had before the block existed.
+            data.pop("refine", None)
         return data
 
     def settings(self) -> dict[str, Any]:

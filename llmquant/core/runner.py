@@ -38,6 +38,7 @@ from llmquant.core.gptq import relative_output_error
 from llmquant.core.hessian import HessianAccumulator, record_damping
 from llmquant.core.method import Method, Observer
 from llmquant.core.record import QuantizedRecord
+from llmquant.core.refine import LayerRefiner, refine_layer
 from llmquant.errors import NumericalError
 from llmquant.models.layer_maps import ResolvedLayers
 
@@ -197,6 +198,7 @@ class SequentialRunner:
         on_layer_done: Callable[[LayerReport], None] | None = None,
         sink: LayerSink | None = None,
         store: LayerStore | None = None,
+        refiner: LayerRefiner | None = None,
     ):
         self.model = model
         self.resolved = resolved
@@ -206,6 +208,7 @@ class SequentialRunner:
         self.on_layer_done = on_layer_done
         self.sink = sink
         self.store = store
+        self.refiner = refiner
 
     def run(
         self, windows: torch.Tensor | None, resume: ResumePoint | None = None
@@ -239,7 +242,15 @@ class SequentialRunner:
             layer.to(self.device)
             kwargs = to_device(captured.layer_kwargs[index], self.device)
             layer_records: dict[str, QuantizedRecord] = {}
-            linear_reports = self._quantize_layer(index, layer, inputs, kwargs, layer_records)
+            refine = None
+            if self.refiner is not None:
+                # The full-precision layer's outputs on this layer's (quantized-model) inputs: the
+                # targets of the block-wise reconstruction.
+                used = self.refiner.config.windows or inputs.shape[0]
+                targets = self._forward(layer, inputs[:used], kwargs, captured.returns_tuple)
+                refine = (targets, captured.returns_tuple)
+            linear_reports = self._quantize_layer(index, layer, inputs, kwargs, layer_records, refine)
+            refine = None
             inputs = self._forward(layer, inputs, kwargs, captured.returns_tuple)
             last = index == len(layers) - 1
             if not last and not bool(torch.isfinite(inputs).all()):
@@ -324,7 +335,13 @@ class SequentialRunner:
 
     @torch.no_grad()
     def _quantize_layer(
-        self, index: int, layer: nn.Module, inputs: torch.Tensor, kwargs: dict, records: dict[str, QuantizedRecord]
+        self,
+        index: int,
+        layer: nn.Module,
+        inputs: torch.Tensor,
+        kwargs: dict,
+        records: dict[str, QuantizedRecord],
+        refine: tuple[torch.Tensor, bool] | None = None,
     ) -> list[LinearReport]:
         prefix = f"{self.resolved.path}.{index}."
         groups = self.resolved.groups[index]
@@ -369,9 +386,12 @@ class SequentialRunner:
 
         # Quantize every linear with its own copy of W and H.
         reports = []
+        fp_weights: dict[str, torch.Tensor] = {}
         for name, module in modules.items():
             t0 = time.perf_counter()
             weight = module.weight.detach().float().clone()
+            if refine is not None:
+                fp_weights[name] = weight
             hessian = hessians[name]
             with record_damping() as seen:
                 record = self.method.quantize(prefix + name, weight.clone(), hessian.clone(), observers.get(name))
@@ -393,7 +413,51 @@ class SequentialRunner:
                     damping=max((used for _, _, used in damping[name]), default=None),
                 )
             )
+        if refine is not None:
+            self._refine_layer(index, layer, inputs, kwargs, refine, modules, fp_weights, hessians, records, reports)
         return reports
+
+    def _refine_layer(
+        self,
+        index: int,
+        layer: nn.Module,
+        inputs: torch.Tensor,
+        kwargs: dict,
+        refine: tuple[torch.Tensor, bool],
+        modules: dict[str, nn.Linear],
+        fp_weights: dict[str, torch.Tensor],
+        hessians: dict[str, torch.Tensor],
+        records: dict[str, QuantizedRecord],
+        reports: list[LinearReport],
+    ) -> None:
+        """The refinement engine on the layer just quantized (llmquant/core/refine.py): installs the
+        records it kept and updates their reports (output error, bits, stats["refine"])."""
+        assert self.refiner is not None
+        targets, returns_tuple = refine
+        prefix = f"{self.resolved.path}.{index}."
+        refiner = self.refiner
+        on_epoch = None
+        if refiner.on_epoch is not None:
+            callback = refiner.on_epoch
+
+            def on_epoch(epoch: int, epochs: int, loss: float) -> None:
+                callback(index, epoch, epochs, loss)
+
+        local = {name: records[prefix + name] for name in modules}
+        result = refine_layer(
+            layer, local, fp_weights, inputs, targets, kwargs, returns_tuple, refiner.config, refiner.factory, index, on_epoch
+        )
+        by_name = {r.name: r for r in reports}
+        for name, module in modules.items():
+            report = by_name[prefix + name]
+            record = result.records.get(name)
+            if record is not None:
+                computed = _install(prefix + name, module, record)
+                records[prefix + name] = record
+                report.relative_error = relative_output_error(fp_weights[name], computed, hessians[name])
+                report.bits = record.bits.as_dict()
+                report.stats = dict(record.stats)
+            report.stats["refine"] = {**result.stats(), "refined": record is not None}
 
 
 def _install(name: str, module: nn.Module, record: QuantizedRecord) -> torch.Tensor:
