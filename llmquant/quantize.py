@@ -195,7 +195,7 @@ def run_quantize(
         why_not = streamable(source)
         if why_not is None:
             # A data-free method (RTN, sign) runs no forward pass: nothing outside the layers is read.
-            needs_outer = get_method_class(recipe.method.name).needs_calibration
+            needs_outer = get_method_class(recipe.method.name).needs_calibration or recipe.refine is not None  # refine runs the layers on data
             streamed = open_streamed(source, compute_dtype, lambda m: resolve_layers(m, recipe.skip).path, needs_outer)
             why_not = None if streamed is not None else "its tensor names differ from the model's"
         if streamed is None and streaming == "on":
