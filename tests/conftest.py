@@ -126,3 +126,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # imported, so it must be set before any test imports a kernel module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def gptq3_records(model) -> dict:
+    """Every decoder linear of `model` quantized with GPTQ 3-bit, groups of 32, on a seeded random
+    Hessian per linear (no calibration run): records for save_packed / save_fake."""
+    from llmquant.methods import get_method_class
+
+    gptq = get_method_class("gptq")
+    method = gptq(gptq.Config(bits=3, group_size=32))
+    g = torch.Generator().manual_seed(0)
+    records = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            x = torch.randn(128, module.in_features, generator=g)
+            records[name] = method.quantize(name, module.weight.detach().float().clone(), 2 * x.T @ x / 128)
+    return records

@@ -19,14 +19,13 @@ import torch
 
 from typer.testing import CliRunner
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, gptq3_records, tiny_model
 from llmquant.cli import app
 from llmquant.errors import UserError
 from llmquant.bench import BenchSettings, _Slot, format_report, paired_ratios, run_bench
 from llmquant.evaluate import Reference, kl_divergence, perplexity, reference_key
 from llmquant.formats import save_packed
 from llmquant.runtime import load_quantized
-from llmquant.methods import get_method_class
 from llmquant.runtime.loader import load_model
 
 SMALL = BenchSettings(prompt_tokens=24, new_tokens=4, decode_prompt_tokens=8, warmup=1, repeats=3)
@@ -36,14 +35,7 @@ SMALL = BenchSettings(prompt_tokens=24, new_tokens=4, decode_prompt_tokens=8, wa
 def packed_dir(tmp_path_factory) -> Path:
     """The conftest tiny LLaMA (same seed as tiny_llama_dir), every decoder linear GPTQ 3-bit, packed."""
     model = tiny_model("llama")
-    gptq = get_method_class("gptq")
-    method = gptq(gptq.Config(bits=3, group_size=32))
-    g = torch.Generator().manual_seed(0)
-    records = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            x = torch.randn(128, module.in_features, generator=g)
-            records[name] = method.quantize(name, module.weight.detach().float().clone(), 2 * x.T @ x / 128)
+    records = gptq3_records(model)
     directory = tmp_path_factory.mktemp("packed")
     save_packed(model, records, directory, {"method": "gptq"})
     byte_tokenizer().save_pretrained(directory)

@@ -13,11 +13,7 @@ model holds), and the logits equal the fake-quant model's at that dtype.
 
 from __future__ import annotations
 
-import io
 import json
-import logging
-import sys
-from contextlib import redirect_stderr
 from pathlib import Path
 
 import numpy as np
@@ -34,30 +30,9 @@ from llmquant.layouts import decode
 from llmquant.layouts.uniform import export as uniform_export
 from llmquant.methods import get_method_class
 from layout_cases import CASES, build
+from test_fuzz import run_cli
 
 TOKENS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
-
-
-def run_cli(*args: str) -> tuple[int, str]:
-    """llmquant's main() in this process: exit code and stderr."""
-    from llmquant import cli
-
-    buffer = io.StringIO()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    argv, sys.argv = sys.argv, ["llmquant", *args]
-    try:
-        with redirect_stderr(buffer):
-            try:
-                cli.main()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    return code, buffer.getvalue()
 
 
 def quantized_tiny(directory: Path, method: str, config: dict, hand: dict | None = None, seed: int = 0):

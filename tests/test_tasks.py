@@ -16,14 +16,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import byte_tokenizer, tiny_model
+from conftest import byte_tokenizer, gptq3_records, tiny_model
 from llmquant.cli import app
 from llmquant.data.tasks import LAYOUTS, find_local_task
 from llmquant.errors import UserError
 from llmquant.evaluate import EvalSettings, TaskSettings, run_eval
 from llmquant.evaluate.tasks import INSTALL_HINT, build_task, parse_task_list
 from llmquant.formats import save_fake, save_packed
-from llmquant.methods import get_method_class
 
 lm_eval = pytest.importorskip("lm_eval", reason="the tasks extra: pip install -e '.[tasks]'")
 
@@ -139,14 +138,7 @@ def test_lm_eval_renders_the_local_documents_as_the_readme_says(task, shared_dat
 def twins(tmp_path_factory, tiny_llama_dir) -> tuple[Path, Path]:
     """The conftest tiny LLaMA, every decoder linear GPTQ 3-bit: packed and fake-quant."""
     model = tiny_model("llama")
-    gptq = get_method_class("gptq")
-    method = gptq(gptq.Config(bits=3, group_size=32))
-    g = torch.Generator().manual_seed(0)
-    records = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            x = torch.randn(128, module.in_features, generator=g)
-            records[name] = method.quantize(name, module.weight.detach().float().clone(), 2 * x.T @ x / 128)
+    records = gptq3_records(model)
     dirs = tmp_path_factory.mktemp("packed"), tmp_path_factory.mktemp("fake")
     save_packed(model, records, dirs[0], {"method": "gptq"})
     save_fake(model, records, dirs[1], {"method": "gptq"})

@@ -20,9 +20,9 @@ import torch
 
 from llmquant.errors import UserError
 from llmquant.formats import packers
-from llmquant.formats.checkpoint import CONFIG_FILE, RECORDS_FILE, REPORT_FILE, WEIGHTS_FILE, Checkpoint, read_checkpoint
+from llmquant.formats.checkpoint import CONFIG_FILE, RECORDS_FILE, REPORT_FILE, WEIGHTS_FILE, Checkpoint, read_pack_source
 from llmquant.layouts.uniform import export as uniform_export
-from llmquant.output import MANIFEST_FILE, atomic_output_dir, check_output_path
+from llmquant.output import MANIFEST_FILE, atomic_output_dir
 from llmquant.runtime.loader import check_loadable, model_skeleton
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf")
@@ -142,11 +142,7 @@ def export_checkpoint(
     if gguf_type != "auto" and gguf_type.upper() not in uniform_export.GGUF_EXACT + uniform_export.GGUF_APPROXIMATE:
         choices = ", ".join(t.lower() for t in uniform_export.GGUF_EXACT + uniform_export.GGUF_APPROXIMATE)
         raise UserError(f"--gguf-type: expected auto or one of {choices}, got {gguf_type!r}")
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
-        raise UserError(f"{dst}: pack needs a destination different from its source")
-    check_output_path(dst, force, inputs=[src])  # before reading anything
-    checkpoint = read_checkpoint(src)
+    src, dst, checkpoint = read_pack_source(src, dst, force, "pack")
     if not checkpoint.linears:
         raise UserError(f"{src}: no quantized linears to export")
     if fmt == "gguf":

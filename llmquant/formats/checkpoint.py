@@ -680,6 +680,17 @@ def _one_line(exc: BaseException) -> str:
 # Converting
 
 
+def read_pack_source(src_dir: str | Path, dst_dir: str | Path, force: bool, verb: str) -> tuple[Path, Path, Checkpoint]:
+    """The start of every rewrite of a checkpoint (convert, the exports): a destination other than
+    the source, checked (free, or replaceable with --force) before anything is read, then the source
+    read and verified (read_checkpoint)."""
+    src, dst = Path(src_dir), Path(dst_dir)
+    if src.resolve() == dst.resolve():
+        raise UserError(f"{dst}: {verb} needs a destination different from its source")
+    check_output_path(dst, force, inputs=[src])  # before reading anything
+    return src, dst, read_checkpoint(src)
+
+
 def convert(
     src_dir: str | Path,
     dst_dir: str | Path,
@@ -701,11 +712,7 @@ def convert(
     ever written."""
     if fmt not in FORMATS:
         raise UserError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    src, dst = Path(src_dir), Path(dst_dir)
-    if src.resolve() == dst.resolve():
-        raise UserError(f"{dst}: convert needs a destination different from its source")
-    check_output_path(dst, force, inputs=[src])  # before reading anything
-    checkpoint = read_checkpoint(src)
+    src, dst, checkpoint = read_pack_source(src_dir, dst_dir, force, "convert")
     for name, linear in checkpoint.linears.items():
         try:
             packers.unpack(linear)
