@@ -27,6 +27,7 @@ from llmquant.methods.slim_sba import (
     group_salience,
     kl_to_target,
     pair_counts,
+    partial_shifts,
     rank_full_groups,
 )
 from llmquant.methods.slim_sqc import SQCSettings, salient_mask, sqc_fit, tau_grid
@@ -145,6 +146,38 @@ def test_every_candidate_averages_exactly_n_bits(cols, target):
         assert mixed_bits(4, cols, bits, group_size).code == target
 
 
+@pytest.mark.parametrize("cols", [576, 1088, 960])
+@pytest.mark.parametrize("target", [2, 3, 4])
+def test_paired_partial_candidates_average_exactly_n_bits(cols, target):
+    group_size = 128
+    full, groups = cols // group_size, -(-cols // group_size)
+    widths = [min(group_size, cols - s) for s in range(0, cols, group_size)]
+    ranking = torch.randperm(full, generator=torch.Generator().manual_seed(cols))
+    shifts = partial_shifts(cols, group_size, target, max_pairs=full // 2 - 1)
+    assert shifts == ([2] if target == 2 else [2, -2])  # N - 2 = 0 bits is no width
+    for pairs in pair_counts(full, include_uniform=True):
+        for shift in shifts:
+            bits = allocation_bits(ranking, pairs, groups, target, shift)
+            assert sum(w * b for w, b in zip(widths, bits)) == target * cols  # exact, integer arithmetic
+            assert bits[-1] == target + shift
+            # The partner is the next group of the ranking from the matching end, one bit the other way.
+            moved = [g for g in range(full) if bits[g] != target]
+            assert len(moved) == 2 * pairs + 1
+            partner = ranking[pairs] if shift > 0 else ranking[full - 1 - pairs]
+            assert bits[int(partner)] == target - (1 if shift > 0 else -1)
+            assert mixed_bits(4, cols, bits, group_size).code == target
+
+
+def test_partial_shifts_only_for_a_half_width_group():
+    assert partial_shifts(576, 128, 3, max_pairs=1) == [2, -2]
+    assert partial_shifts(640, 128, 3, max_pairs=1) == []  # no partial group
+    assert partial_shifts(600, 128, 3, max_pairs=1) == []  # 88 columns: no whole number of bits balances it
+    assert partial_shifts(576, 128, 3, max_pairs=2) == []  # 2 pairs + a partner need 5 full groups
+    assert partial_shifts(576, 128, 7, max_pairs=1) == [-2]  # 9 bits is no width
+    with pytest.raises(ValueError, match="partial"):
+        allocation_bits(torch.arange(4), 2, 5, 3, 2)
+
+
 def test_pair_ranges_follow_the_reference():
     assert pair_counts(32, include_uniform=False) == list(range(1, 16))  # LLaMA-7B attention: 1..15
     assert pair_counts(86, include_uniform=False) == list(range(1, 43))  # down_proj 11008: 1..42
@@ -217,6 +250,57 @@ def test_observer_objective_matches_direct_computation(monkeypatch, target):
             p = F.softmax(y, dim=-1).clamp(min=1e-6)
             per_sequence.append(F.kl_div(p.log(), p_hat, reduction="sum").item())
         assert observer.mean_objective()[pairs].item() == pytest.approx(sum(per_sequence) / 3, rel=1e-4)
+
+
+@pytest.mark.parametrize("target", [2, 3])
+def test_shifted_partial_objective_matches_direct_computation(monkeypatch, target):
+    monkeypatch.setattr(slim_sba, "KL_CHUNK_ELEMENTS", 1)  # one candidate per chunk
+    gen = torch.Generator().manual_seed(2)
+    rows, cols, group_size = 6, 76, 8  # 9 full groups + a 4-column (half-width) partial group
+    weight = torch.randn(rows, cols, generator=gen)
+    u_diag = torch.rand(cols, generator=gen) + 0.5
+    xs = [torch.randn(5, cols, generator=gen) for _ in range(3)]
+    ys = [x @ weight.T + 0.3 for x in xs]
+    observer = SBAObserver(weight, u_diag, target, group_size, max_pairs=3, paired_partial=True)
+    for x, y in zip(xs, ys):
+        observer.update(x, y)
+    assert observer.shifts == ([2] if target == 2 else [2, -2])
+    ranking = slow_salience_ranking(weight, u_diag, group_size)
+    quantized = {b: slow_rtn(weight, b, group_size) for b in range(max(1, target - 2), target + 3)}
+    for shift in observer.shifts:
+        for pairs in range(4):
+            bits = allocation_bits(torch.tensor(ranking), pairs, 10, target, shift)
+            candidate = torch.cat([quantized[b][:, g * 8 : g * 8 + 8] for g, b in enumerate(bits)], dim=1)
+            per_sequence = []
+            for x, y in zip(xs, ys):
+                p_hat = F.softmax(x @ candidate.T, dim=-1).clamp(min=1e-6)
+                p = F.softmax(y, dim=-1).clamp(min=1e-6)
+                per_sequence.append(F.kl_div(p.log(), p_hat, reduction="sum").item())
+            got = observer.mean_shift_objective()[shift][pairs].item()
+            assert got == pytest.approx(sum(per_sequence) / 3, rel=1e-4)
+    # The plain candidates are unchanged by the extra bookkeeping.
+    plain = SBAObserver(weight, u_diag, target, group_size, max_pairs=3)
+    for x, y in zip(xs, ys):
+        plain.update(x, y)
+    assert torch.allclose(plain.mean_objective(), observer.mean_objective())
+
+
+def test_paired_partial_group_competes_and_keeps_n_bits():
+    weight, hessian, xs, bias = correlated_problem(rows=24, cols=576, tokens=48, sequences=3)
+    weight[:, 512:] *= 6  # a salient partial group: it should win the two extra bits
+    for target in (2, 3):
+        _, fixed = run_slim(SliMConfig(bits=target, group_size=128), weight, hessian, xs, bias)
+        method, paired = run_slim(SliMConfig(bits=target, group_size=128, partial_group="paired"), weight, hessian, xs, bias)
+        assert "partial_shift" not in fixed.stats
+        assert paired.stats["partial_shift"] == 2
+        group_bits = paired.tensors["group_bits"].tolist()
+        assert group_bits[-1] == target + 2
+        assert mixed_bits(24, 576, group_bits, 128).code == target  # the average is still exactly N
+        chosen = paired.stats["objective_partial+2"][paired.stats["pairs"]]
+        assert chosen < min(paired.stats["objective"][p] for p in pair_counts(4, include_uniform=False))
+        check_tensors("mixed", paired.tensors, paired.meta, 24, 576)
+        assert torch.equal(decode("mixed", paired.tensors, paired.meta), paired.dequantized)
+        assert method.summary()["allocation"]["layer"] == group_bits
 
 
 def test_default_fidelity_is_never_worse_than_uniform():

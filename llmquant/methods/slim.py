@@ -50,6 +50,11 @@ class SliMConfig(MethodConfig):
     fidelity: Literal["reference", "default"] = Field(
         "reference", description="reference: pairs p >= 1 as the code; default: also p = 0 (uniform)"
     )
+    partial_group: Literal["fixed", "paired"] = Field(
+        "fixed",
+        description="the partial last group (group_size does not divide the width): fixed keeps it at N bits; "
+        "paired lets a half-width one move 2 bits against one more full group moving 1 (average still exactly N)",
+    )
     allocation: dict[str, list[Annotated[int, Field(ge=1, le=8)]]] | None = Field(
         None,
         description="linear name -> bits per group, or the path of an allocation.json written by an earlier run; "
@@ -110,7 +115,7 @@ class SliM(Method[SliMConfig]):
         W, H = weight.float().clone(), hessian.clone()
         upper, _ = prepare_factor(W, H, cfg.percdamp, name)
         max_pairs = max(pair_counts(W.shape[1] // cfg.group_size, include_uniform=True), default=0)
-        return SBAObserver(W, torch.diag(upper), cfg.bits, cfg.group_size, max_pairs)
+        return SBAObserver(W, torch.diag(upper), cfg.bits, cfg.group_size, max_pairs, cfg.partial_group == "paired")
 
     def quantize(self, name, weight, hessian, observer=None) -> QuantizedRecord:
         cfg = self.config
@@ -137,14 +142,18 @@ class SliM(Method[SliMConfig]):
             return [cfg.bits] * groups, {"allocation_source": "uniform (no observations)", "pairs": 0}
         # With fewer than 4 full groups the reference range 1 .. k/2 - 1 is empty: stay uniform.
         candidates = pair_counts(observer.full_groups, include_uniform=cfg.fidelity == "default") or [0]
-        pairs = observer.best_pairs(candidates)
+        pairs, shift = observer.best_allocation(candidates)
         stats = {
             "allocation_source": "search",
             "pairs": pairs,
             "objective": observer.mean_objective().tolist(),  # pair counts 0 .. max
             "sequences": observer.sequences,
         }
-        return allocation_bits(observer.ranking, pairs, groups, cfg.bits), stats
+        if observer.shifts:  # partial_group: paired, and this linear has a half-width last group
+            stats["partial_shift"] = shift
+            for s, objective in observer.mean_shift_objective().items():  # the shifted twins of pairs 0 .. max
+                stats[f"objective_partial{s:+d}"] = objective.tolist()
+        return allocation_bits(observer.ranking, pairs, groups, cfg.bits, shift), stats
 
     def restore(self, name: str, record: QuantizedRecord) -> None:
         self.chosen[name] = [int(b) for b in record.tensors["group_bits"].tolist()]
