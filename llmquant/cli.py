@@ -459,6 +459,64 @@ def bench(
 
 
 @app.command()
+def train(
+    model: Annotated[str, typer.Option(help="packed PB-LLM checkpoint to start from (partial_binary linears)")],
+    output: Annotated[Path, typer.Option(help="directory to write (a packed checkpoint again)")],
+    dataset: Annotated[str, typer.Option(help="training text: wikitext2 | ptb | c4 | a .txt/.jsonl file (its train split)")] = "wikitext2",
+    steps: Annotated[int, typer.Option(help="optimizer steps (one batch of windows each)")] = 200,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="windows per step")] = 1,
+    seqlen: Annotated[int, typer.Option(help="tokens per window")] = 512,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the latent weights and mu (peak of the schedule)")] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="share of the steps with a linear warm-up; cosine decay to 0 after")] = 0.05,
+    seed: Annotated[int, typer.Option(help="seed of the window sampler")] = 0,
+    save_every: Annotated[int, typer.Option("--save-every", help="steps between resumable state saves")] = 25,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    bos: Annotated[Optional[str], typer.Option(help="per-window BOS: auto (the tokenizer's default), always, never")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its last saved step")] = False,
+    force: Force = False,
+    max_shard_size: MaxShardSize = None,
+    data_dir: DataDir = None,
+    as_json: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """PB-LLM's quantization-aware training: salient weights frozen at 8 bits, the binarized weights trained
+    through a straight-through sign with the paper's per-channel optimal scale, next-token loss on a text
+    corpus. Writes a packed partial_binary checkpoint again; --resume continues an interrupted run (same bytes)."""
+    from llmquant.train import TrainSettings, run_train
+    from llmquant.ui import progress
+
+    _check_flag("--device", check_device, device)
+    if bos is not None:
+        check_bos_choice(bos)
+    settings = TrainSettings(
+        model=model, output=str(output), dataset=dataset, steps=steps, batch_size=batch_size, seqlen=seqlen, lr=lr,
+        warmup=warmup, seed=seed, save_every=save_every, device=device, bos=bos or "auto",
+    )
+    settings.check()
+    with progress(quiet) as bar:
+        task = bar.add_task("training", total=steps)
+
+        def on_start(total: int, done: int) -> None:
+            bar.update(task, total=total, completed=done)
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(task, completed=step, description=f"training (loss {loss:.3f})")
+
+        out, report = run_train(
+            settings, force=force, resume=resume, data_dir=data_dir, on_start=on_start, on_step=on_step,
+            max_shard_bytes=_shard_bytes(max_shard_size),
+        )
+    if as_json:
+        _print_json(report)
+    else:
+        typer.echo(
+            f"wrote {out}: {report['trained_linears']} PB-LLM linears trained for {report['steps']} steps "
+            f"({report['tokens']:,} tokens), loss {report['loss_first']:.3f} -> {report['loss_last']:.3f}; "
+            f"{report['time_seconds']['train']:.0f}s, peak RSS {report['peak_memory']['rss_bytes'] / 2**30:.2f} GiB"
+        )
+
+
+@app.command()
 def pack(
     model: Annotated[str, typer.Option(help="llmquant checkpoint directory")],
     output: Annotated[Path, typer.Option(help="directory to write")],

@@ -39,6 +39,7 @@ FLOORS = {
     "llmquant.hf_quantizer": 7,
     "llmquant.quantize": 8,
     "llmquant.bench": 8,
+    "llmquant.train": 8,
     "llmquant.cli": 9,
     "llmquant": 10,  # the package root: `llmquant.load`
 }

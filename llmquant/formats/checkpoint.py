@@ -737,7 +737,45 @@ def convert(
             records = _stored_tensors(checkpoint.linears)
             _write_tensors(partial / RECORDS_FILE, records, _header(checkpoint.linears, unbound, digest))
         _write_json(partial / CONFIG_FILE, config)
-        for path in src.iterdir():
-            written = path.name in _WRITTEN_FILES or SHARD_PATTERN.match(path.name)
-            if path.is_file() and not written and path.name != MANIFEST_FILE:
-                shutil.copy2(path, partial / path.name)
+        _copy_other_files(src, partial)
+
+
+def _copy_other_files(src: Path, partial: Path, skip: set[str] = frozenset()) -> None:
+    """Every file of a rewritten checkpoint that the rewrite does not write itself (tokenizer,
+    generation config, llmquant.json), copied unchanged."""
+    for path in src.iterdir():
+        written = path.name in _WRITTEN_FILES or SHARD_PATTERN.match(path.name)
+        if path.is_file() and not written and path.name != MANIFEST_FILE and path.name not in skip:
+            shutil.copy2(path, partial / path.name)
+
+
+def rewrite_packed(
+    src: Path,
+    checkpoint: Checkpoint,
+    dst: Path,
+    linears: dict[str, PackedLinear],
+    info: dict[str, Any],
+    force: bool = False,
+    report: dict[str, Any] | None = None,
+    max_shard_bytes: int | None = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """A packed checkpoint of `checkpoint` (read from `src`) with its linears replaced by `linears`
+    (same names, same layouts: what training changes is the codes and side parameters, not the
+    structure), `info` merged into quantization_config.info, the plain tensors and the other files
+    as they were; `report`, if given, replaces llmquant.json. Written as every output is (temporary
+    directory, then rename)."""
+    if set(linears) != set(checkpoint.linears):
+        raise ValueError("rewrite_packed: the linears must be the checkpoint's own")
+    for name, linear in linears.items():
+        if linear.layout != checkpoint.linears[name].layout or tuple(linear.shape) != tuple(checkpoint.linears[name].shape):
+            raise ValueError(f"rewrite_packed: {name} changed layout or shape")
+    quantization = {key: value for key, value in checkpoint.quantization.items() if key != WEIGHTS_CHECKSUM}
+    quantization["info"] = {**(quantization.get("info") or {}), **info}
+    config = dict(checkpoint.config)
+    with atomic_output_dir(dst, force, inputs=[src]) as partial:
+        digest = _write_weights(partial, dict(checkpoint.plain), dict(sorted(linears.items())), max_shard_bytes)
+        config["quantization_config"] = {**quantization, WEIGHTS_CHECKSUM: digest}
+        _write_json(partial / CONFIG_FILE, config)
+        _copy_other_files(src, partial, skip={REPORT_FILE} if report is not None else set())
+        if report is not None:
+            _write_json(partial / REPORT_FILE, report)
