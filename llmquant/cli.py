@@ -1,6 +1,7 @@
 """The `llmquant` command line. Thin: parse, validate, call the library, print.
 
-Exit codes: 0 ok, 1 internal error (a bug), 2 invalid input, 3 numerical failure, 130 interrupted.
+Exit codes: 0 ok, 1 internal error (a bug), 2 invalid input or a refusal of the machine (out of memory,
+disk full), 3 numerical failure, 130 interrupted.
 Human-readable progress and logs go to stderr; results (and `--json`) go to stdout. Every failure,
 a usage error included, is one `error:` line. Every command takes --json and --quiet; those that
 read corpora take --data-dir.
@@ -670,6 +671,22 @@ def _click_exceptions():
     return exceptions
 
 
+OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+OOM_ADVICE = (
+    "quantize --streaming on (one decoder layer in memory at a time), fewer calibration windows "
+    "(--nsamples), a smaller --batch-size, or a device with more memory"
+)
+
+
+def _out_of_memory(error: BaseException) -> str | None:
+    """The one line for an out-of-memory failure, or None if `error` is something else."""
+    text = " ".join(str(error).split())
+    if not isinstance(error, MemoryError) and not any(marker in text.lower() for marker in OOM_MARKERS):
+        return None
+    first = text.split(". ")[0][:200] if text else type(error).__name__
+    return f"out of memory: {first}; try {OOM_ADVICE}"
+
+
 def main() -> None:
     from llmquant.ui import error_line, setup_logging, stderr
 
@@ -689,6 +706,14 @@ def main() -> None:
     except LLMQuantError as error:
         error_line(error)
         sys.exit(error.exit_code)
+    except (MemoryError, RuntimeError) as error:
+        # Out of memory (a torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError, a
+        # MemoryError): the machine refused, the user's to fix; anything else is a bug, re-raised.
+        message = _out_of_memory(error)
+        if message is None:
+            raise
+        error_line(message)
+        sys.exit(2)
     except OSError as error:  # the machine refused (disk full, permissions, read-only): the user's to fix
         where = f"{error.filename}: " if error.filename else ""
         error_line(f"{where}{error.strerror or error}")

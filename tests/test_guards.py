@@ -115,6 +115,35 @@ def test_an_error_while_writing_is_one_line(tmp_path, tiny_llama_dir, corpus, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == [".q.work", "r.yaml"]
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.11 GiB total capacity)"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes."),
+        MemoryError(),
+    ],
+)
+def test_out_of_memory_is_one_line_with_what_to_do(tmp_path, tiny_llama_dir, corpus, monkeypatch, failure):
+    def exhausted(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("llmquant.quantize.run_quantize", exhausted)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, corpus, tmp_path / "q", method="{name: rtn, bits: 4, group_size: 32}")
+    code, stderr = run_cli("quantize", "-r", str(recipe), "--quiet")
+    line = one_error_line(stderr)
+    assert code == 2 and line.startswith("out of memory") and "--streaming on" in line
+
+
+def test_other_runtime_errors_stay_bugs(tmp_path, tiny_llama_dir, corpus, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr("llmquant.quantize.run_quantize", broken)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, corpus, tmp_path / "q", method="{name: rtn, bits: 4, group_size: 32}")
+    with pytest.raises(RuntimeError, match="shapes"):
+        run_cli("quantize", "-r", str(recipe), "--quiet")
+
+
 # --------------------------------------------------------------------------------------------------
 # Rich markup in what the user wrote
 
