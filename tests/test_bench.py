@@ -425,3 +425,38 @@ def test_method_stats_aggregate_over_linears():
     assert "mode" not in stats
     line = run_all.details_line({"label": "s", "method": "slim", "method_stats": stats})
     assert line == "- `s`: groups at 1 bit: 20.0%, 2 bit: 60.0%, 3 bit: 20.0%"
+
+
+def _benchmark_module(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_seed_spread_summary_and_which_differences_exceed_it():
+    seeds = _benchmark_module("seeds")
+
+    def row(group, seed, ppl, kl):
+        return {"group": group, "recipe": f"{group}.yaml", "extra_overrides": [], "seed": seed, "ppl": ppl, "kl": kl,
+                "top1_agreement": 0.5, "bits": {"code": 3.0}}
+
+    rows = [row("a", 0, 100.0, 1.0), row("a", 1, 120.0, 1.2), row("a", 2, 110.0, 1.1),
+            row("b", 0, 130.0, 1.15), row("b", 1, 150.0, 1.3), row("b", 2, 140.0, 1.25),
+            row("c", 0, 1000.0, 3.0), row("c", 1, 900.0, 2.9)]
+    summary = {e["group"]: e for e in seeds.summarize(rows)}
+    assert summary["a"]["ppl"] == {"mean": 110.0, "min": 100.0, "max": 120.0, "n": 3}
+    assert summary["c"]["seeds"] == [0, 1] and summary["c"]["per_seed"]["1"]["ppl"] == 900.0
+    lines = seeds.comparisons(list(summary.values()))
+    a_b = next(line for line in lines if "`a` vs `b`" in line)
+    # PPL: a's worst (120) beats b's best (130); KL: a's worst 1.2 is not below b's best 1.15.
+    assert "PPL: `a` better beyond the spread" in a_b and "KL ranges overlap" in a_b
+    assert "within the spread" not in a_b
+    a_c = next(line for line in lines if "`a` vs `c`" in line)
+    assert "PPL: `a` better" in a_c and "KL: `a` better" in a_c
+    text = seeds.table(list(summary.values()), {"ppl": 30.0}, {"finished": "t", "machine": "m", "commit": "x"})
+    assert "| a | — | 0, 1, 2 | 110.00 [100.00, 120.00] |" in text
+    overlapping = seeds.comparisons([summary["a"], {**summary["b"], "ppl": {"mean": 115, "min": 105, "max": 125, "n": 3}}])
+    assert overlapping == ["- `a` vs `b`: **within the spread** (PPL and KL ranges overlap)"]
