@@ -176,9 +176,12 @@ def main() -> None:
             stored.write_text(json.dumps(row, indent=2) + "\n")
             print(f"   ppl {row['ppl']:.3f}, KL {row['kl']:.4f}, quantize {row['quantize_seconds']:.0f}s, eval {row['eval_seconds']:.0f}s",
                   flush=True)
-            if not args.keep_checkpoints:
-                import shutil
+            import shutil
 
+            # The quantize report (per-linear losses and stats) outlives the checkpoint: RUNS/reports/.
+            (args.runs / "reports").mkdir(exist_ok=True)
+            shutil.copyfile(args.runs / label / "llmquant.json", args.runs / "reports" / f"{label}.json")
+            if not args.keep_checkpoints:
                 shutil.rmtree(args.runs / label, ignore_errors=True)
     # Every stored row counts (earlier invocations' too), in the plan's order, then any others.
     order = {group: i for i, (group, _, _) in enumerate(plan)}
