@@ -216,16 +216,37 @@ def dir_bytes(path: Path, name: str = "model.safetensors") -> int:
     return (path / name).stat().st_size
 
 
+def finished_quantization(out: Path, recipe: Path, sets: list[str], base: Path, quick: bool) -> dict | None:
+    """The report of a complete checkpoint already in `out` made by exactly this recipe (the resolved
+    recipe `llmquant validate` gives for the same settings, and a checkpoint `llmquant verify`
+    accepts), else None. Lets a benchmark interrupted during an evaluation skip the quantization."""
+    report_path = out / "llmquant.json"
+    if not report_path.is_file():
+        return None
+    report = json.loads(report_path.read_text())
+    overrides = [f"model={base}", f"output={out}", *sets, *([f"calibration.nsamples={QUICK['nsamples']}"] if quick else [])]
+    resolved = llmquant("validate", "--recipe", str(recipe), "--protocol", "p1", *[a for s in overrides for a in ("--set", s)])
+    if report.get("recipe") != resolved:
+        return None
+    done = subprocess.run([sys.executable, "-m", "llmquant.cli", "verify", str(out), "--quiet"], capture_output=True, cwd=ROOT)
+    return report if done.returncode == 0 else None
+
+
 def run_one(
-    label: str, recipe: Path, sets: list[str], base: Path, runs: Path, kl: bool = True, quick: bool = False, windows: int | None = None
+    label: str, recipe: Path, sets: list[str], base: Path, runs: Path, kl: bool = True, quick: bool = False,
+    windows: int | None = None, reuse: bool = False,
 ) -> dict:
     out = runs / label
     started = time.perf_counter()
-    report = llmquant(
-        "quantize", "--recipe", str(recipe), "--protocol", "p1", "--model", str(base),
-        "--output", str(out), "--force", *[a for s in sets for a in ("--set", s)],
-        *(["--nsamples", QUICK["nsamples"]] if quick else []),
-    )
+    report = finished_quantization(out, recipe, sets, base, quick) if reuse else None
+    if report is None:
+        report = llmquant(
+            "quantize", "--recipe", str(recipe), "--protocol", "p1", "--model", str(base),
+            "--output", str(out), "--force", *[a for s in sets for a in ("--set", s)],
+            *(["--nsamples", QUICK["nsamples"]] if quick else []),
+        )
+    else:
+        print(f"   (checkpoint {out} of the same recipe reused: evaluating only)", flush=True)
     evaluation = evaluate(out, base if kl else None, runs / "kl-cache" if kl else None, quick, windows)
     return {
         "label": label,

@@ -103,6 +103,34 @@ def comparisons(summary: list[dict]) -> list[str]:
     return lines
 
 
+def loss_ratios(reports: Path, variant: str, base: str, seeds: list[int]) -> list[str]:
+    """Markdown lines comparing two groups' quantize reports seed by seed: per linear, the variant's
+    output loss over the base's (layer 0 sees identical inputs in both runs; later layers see the
+    outputs of already different earlier layers, so their ratios are indicative), geometric means
+    over the linears whose choice differs, and how many linears chose a partial shift."""
+    import math
+
+    lines = []
+    for seed in seeds:
+        files = [reports / f"{group}-seed{seed}.json" for group in (variant, base)]
+        if not all(f.is_file() for f in files):
+            continue
+        runs = [json.loads(f.read_text()) for f in files]
+        linears = [{x["name"]: x for layer in r["layers"] for x in layer["linears"]} for r in runs]
+        shifted = [n for n, x in linears[0].items() if x.get("stats", {}).get("partial_shift")]
+        layer0 = {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1]: linears[0][n]["loss"] / linears[1][n]["loss"]
+                  for n in linears[0] if ".layers.0." in n and linears[1][n]["loss"] > 0}
+        differing = [n for n in linears[0] if linears[0][n]["loss"] != linears[1][n]["loss"] and linears[1][n]["loss"] > 0]
+        geo = math.exp(sum(math.log(linears[0][n]["loss"] / linears[1][n]["loss"]) for n in differing) / max(len(differing), 1))
+        total = sum(x["loss"] for x in linears[0].values()) / sum(x["loss"] for x in linears[1].values())
+        lines.append(
+            f"- seed {seed}: {len(shifted)} of {len(linears[0])} linears took a partial shift; layer 0 loss "
+            f"`{variant}`/`{base}`: " + ", ".join(f"{k} {v:.3f}" for k, v in layer0.items())
+            + f"; over all {len(differing)} linears whose result differs, geometric mean {geo:.3f}; summed loss ratio {total:.3f}"
+        )
+    return lines
+
+
 def table(summary: list[dict], baseline: dict, meta: dict) -> str:
     def rng(s: dict, spec: str) -> str:
         return f"{s['mean']:{spec}} [{s['min']:{spec}}, {s['max']:{spec}}]"
@@ -171,7 +199,8 @@ def main() -> None:
                 print(f"== {label}: kept from {stored}", flush=True)
                 continue
             print(f"== {label}", flush=True)
-            row = bench.run_one(label, ROOT / "recipes" / f"{stem}.yaml", [*sets, f"calibration.seed={seed}"], base, args.runs)
+            # reuse=True: a checkpoint of this very recipe left by an interrupted run is evaluated, not remade
+            row = bench.run_one(label, ROOT / "recipes" / f"{stem}.yaml", [*sets, f"calibration.seed={seed}"], base, args.runs, reuse=True)
             row.update(group=group, seed=seed, extra_overrides=sets)
             stored.write_text(json.dumps(row, indent=2) + "\n")
             print(f"   ppl {row['ppl']:.3f}, KL {row['kl']:.4f}, quantize {row['quantize_seconds']:.0f}s, eval {row['eval_seconds']:.0f}s",
@@ -193,6 +222,10 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     meta = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": bench.machine(), "commit": commit or "?"}
     block = table(summary, baseline, meta)
+    for group, stem, sets in plan:  # a variant row: its per-linear losses against its recipe's plain row
+        lines = loss_ratios(args.runs / "reports", group, stem, args.seeds) if sets else []
+        if lines:
+            block += f"\n\nPer-linear output loss of `{group}` against `{stem}` (quantize reports, same seed):\n\n" + "\n".join(lines)
     previous = args.md.read_text() if args.md.is_file() else ""
     args.md.write_text(bench.splice(previous, "seeds", block))
     args.json.write_text(json.dumps({**meta, "baseline": baseline, "summary": summary, "runs": rows}, indent=2) + "\n")
