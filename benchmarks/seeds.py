@@ -14,8 +14,10 @@ everything else in that file is kept. The JSON goes to docs/results-seeds.json.
 
     python benchmarks/seeds.py                                   # the five recipes x seeds 0 1 2
     python benchmarks/seeds.py --only slim-2bit --seeds 0 1      # a subset
-    python benchmarks/seeds.py --variant partial-compete slim-2bit method.partial_group=compete
+    python benchmarks/seeds.py --variant slim-2bit-paired slim-2bit method.partial_group=paired
                                                                  # plus an ablation row over the same seeds
+Several processes may share one RUNS (e.g. one per core with OMP_NUM_THREADS=1): each run is claimed
+(RUNS/rows/LABEL.claim) by the first to reach it.
 
 Time on the 2-core CPU: about 30 minutes per seed for the five recipes (quantize 100-350 s and a P1
 eval of about 150 s per run), so about 1.5 hours for the whole table.
@@ -44,6 +46,16 @@ def _run_all():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def claim(path: Path) -> bool:
+    """Takes a run for this process (several `seeds.py` may share one RUNS as a work queue, one per
+    core): False if another took it first. A killed process leaves its claim: delete it to rerun."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def spread(values: list[float]) -> dict:
@@ -197,6 +209,9 @@ def main() -> None:
             stored = rows_dir / f"{label}.json"
             if stored.is_file():
                 print(f"== {label}: kept from {stored}", flush=True)
+                continue
+            if not claim(rows_dir / f"{label}.claim"):
+                print(f"== {label}: claimed by another process (delete {label}.claim if none runs)", flush=True)
                 continue
             print(f"== {label}", flush=True)
             # reuse=True: a checkpoint of this very recipe left by an interrupted run is evaluated, not remade
