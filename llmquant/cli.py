@@ -128,7 +128,9 @@ def quantize(
     seqlen: Annotated[Optional[int], typer.Option(help="override calibration.seqlen")] = None,
     seed: Annotated[Optional[int], typer.Option(help="override calibration.seed")] = None,
     dataset: Annotated[Optional[str], typer.Option(help="override calibration.dataset")] = None,
-    device: Annotated[Optional[str], typer.Option(help="override recipe.device (auto, cpu, cuda:N)")] = None,
+    device: Annotated[
+        Optional[str], typer.Option(help="override recipe.device (auto, cpu, cuda:N; cuda:0,cuda:1,...: one process per device)")
+    ] = None,
     bos: Bos = None,
     protocol: Protocol = None,
     set_: Sets = None,

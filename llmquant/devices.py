@@ -1,6 +1,8 @@
 """The device and dtype vocabulary, one rule for the recipe, the CLI and the loaders.
 
 Devices: `auto` (CUDA when available, else the CPU), `cpu`, `cuda`, `cuda:N`, `mps`, `xpu`, `xpu:N`.
+`quantize` also takes a comma-separated list of devices of one kind, `cuda:0,cuda:1,...` (one process
+per device, llmquant/core/parallel.py); `cpu,cpu` runs two CPU processes (what the tests use).
 Dtypes: `auto`, `float16`, `bfloat16`, `float32` (also spelled fp16/half, bf16, fp32/float).
 `auto` as a compute dtype means float32 on a CPU (half-precision matmuls there are slow and less
 accurate) and the checkpoint's own dtype elsewhere.
@@ -24,6 +26,37 @@ def check_device(name: str) -> str:
     if not isinstance(name, str) or not _DEVICE.fullmatch(name):
         raise ValueError(f"expected auto, cpu, cuda or cuda:N (or mps, xpu), got {name!r}")
     return name
+
+
+def check_devices(spec: str) -> str:
+    """`spec` if it is one device, or a list of two or more devices of one kind (`cuda:0,cuda:1`,
+    `cpu,cpu`) where no CUDA device appears twice; ValueError (one line) otherwise."""
+    if not isinstance(spec, str) or "," not in spec:
+        return check_device(spec)
+    names = [part.strip() for part in spec.split(",")]
+    for name in names:
+        check_device(name)
+    kinds = {torch.device(n).type if n != "auto" else "auto" for n in names}
+    if "auto" in kinds or len(kinds) != 1 or kinds == {"mps"}:
+        raise ValueError(f"a device list names devices of one kind, cuda:N or cpu (not auto, not mixed), got {spec!r}")
+    if kinds != {"cpu"}:
+        indexed = [torch.device(n).index for n in names]
+        if None in indexed or len(set(indexed)) != len(indexed):
+            raise ValueError(f"a device list names each device once with its index (cuda:0,cuda:1), got {spec!r}")
+    return ",".join(names)
+
+
+def resolve_devices(spec: str) -> list[torch.device]:
+    """A device or device list -> torch.devices; UserError for a bad one or a CUDA device that is absent."""
+    try:
+        check_devices(spec)
+    except ValueError as error:
+        raise UserError(f"device: {error}") from None
+    devices = [resolve_device(name.strip()) for name in spec.split(",")]
+    for device in devices:
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return devices
 
 
 def check_dtype(name: str, allow_auto: bool = True) -> str:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -13,11 +17,12 @@ from typing import Any
 import torch
 
 from llmquant.version import __version__
+from llmquant.core.parallel import Parallel
 from llmquant.core.record import QuantizedRecord, combine
 from llmquant.core.refine import LayerRefiner
 from llmquant.core.runner import LayerReport, SequentialRunner
 from llmquant.data.calibration import CalibrationSet, load_or_build_calibration
-from llmquant.devices import resolve_device, resolve_dtype
+from llmquant.devices import resolve_devices, resolve_dtype
 from llmquant.errors import UserError
 from llmquant.formats import save_fake, save_packed
 from llmquant.formats.checkpoint import DEFAULT_MAX_SHARD_BYTES, REPORT_FILE, Streamed, is_packed_checkpoint
@@ -174,7 +179,9 @@ def run_quantize(
     on_refine_epoch(layer index, epoch, epochs, loss) reports the refinement's epochs (recipe `refine:`).
     `streaming` (auto|on|off): read the decoder layers from the model's files one at a time instead
     of loading the model whole (llmquant/models/streaming.py); auto streams whatever can be.
-    A packed checkpoint larger than `max_shard_bytes` is written as shards with an index."""
+    A packed checkpoint larger than `max_shard_bytes` is written as shards with an index.
+    A recipe device list (`cuda:0,cuda:1`) runs one process per device (llmquant/core/parallel.py);
+    this process is rank 0 and the only one that writes."""
     # Everything that can fail cheaply fails before the model loads: the output (free, or replaceable
     # with --force: llmquant's own and holding no input; writable), the work directory, the model's
     # kind, a calibration file's windows.
@@ -182,12 +189,37 @@ def run_quantize(
     inputs = [path for path in (_local_path(source), _local_path(recipe.calibration.dataset)) if path is not None]
     check_output_path(recipe.output, force, inputs)
     check_work_dir(recipe.output, resume, force)
-    device = resolve_device(recipe.device)
+    devices = resolve_devices(recipe.device)
+    device = devices[0]
     if source.kind == "dir" and is_packed_checkpoint(source.location):
         raise UserError(f"model {recipe.model}: a packed llmquant checkpoint; quantize needs the full-precision model")
     if streaming not in STREAMING_CHOICES:
         raise UserError(f"--streaming: expected one of {', '.join(STREAMING_CHOICES)}, got {streaming!r}")
     recipe = resolve_calibration_file(recipe)
+    with parallel_ranks(devices, recipe, data_dir, streaming) as parallel:
+        return _quantize_as_leader(
+            recipe, source, inputs, device, parallel, force, data_dir, fmt, on_layer_done, on_start, resume,
+            streaming, max_shard_bytes, on_refine_epoch,
+        )  # fmt: skip
+
+
+@dataclass
+class Prepared:
+    """What every rank builds before the layers run: the model, its layers, the method, the windows."""
+
+    model: Any
+    tokenizer: Any
+    streamed: Any
+    resolved: Any
+    method: Any
+    calibration: CalibrationSet
+    data_free: bool
+    save_dtype: torch.dtype
+    seconds: dict[str, float]
+
+
+def prepare(recipe: Recipe, source, device: torch.device, data_dir: str | None, streaming: str) -> Prepared:
+    """Model (streamed or whole), tokenizer, layer map, method and calibration windows for `recipe`."""
     start = time.perf_counter()
     compute_dtype = resolve_dtype(recipe.dtype, device)
     streamed = None
@@ -236,13 +268,37 @@ def run_quantize(
         calibration = load_or_build_calibration(cal.dataset, tokenizer, cal.nsamples, cal.seqlen, cal.seed, data_dir, cal.bos)
         check_calibration_ids(calibration, model)
     calibrated = time.perf_counter()
-    if streamed is not None:
-        fingerprint = make_fingerprint(recipe.settings(), streamed.identity(), calibration.windows, calibration.sha256)
-        work = WorkDir.open_at(recipe.output, fingerprint, environment(device, model.dtype), resume, force)
-    else:
-        work = WorkDir.open(recipe, model, source.describe(), calibration, device, resume, force)
+    seconds = {"load": loaded - start, "calibration": calibrated - loaded}
+    return Prepared(model, tokenizer, streamed, resolved, method, calibration, data_free, save_dtype, seconds)
+
+
+def _quantize_as_leader(
+    recipe, source, inputs, device, parallel, force, data_dir, fmt, on_layer_done, on_start, resume, streaming,
+    max_shard_bytes, on_refine_epoch,
+) -> tuple[Path, dict[str, Any]]:
+    start = time.perf_counter()
+    work = None
     try:
+        prepared = prepare(recipe, source, device, data_dir, streaming)
+        model, tokenizer, streamed, resolved = prepared.model, prepared.tokenizer, prepared.streamed, prepared.resolved
+        method, calibration, data_free, save_dtype = prepared.method, prepared.calibration, prepared.data_free, prepared.save_dtype
+        if streamed is not None:
+            fingerprint = make_fingerprint(recipe.settings(), streamed.identity(), calibration.windows, calibration.sha256)
+            work = WorkDir.open_at(recipe.output, fingerprint, environment(device, model.dtype), resume, force)
+        else:
+            work = WorkDir.open(recipe, model, source.describe(), calibration, device, resume, force)
         resume_point = work.load(model, resolved, method, data_free) if resume else None
+    except Exception as error:
+        if work is not None:
+            work.abandon()
+        if parallel is not None:
+            parallel.check(error)  # every rank stops, with this message
+        raise
+    if parallel is not None:
+        parallel.check(None)
+    loaded = start + prepared.seconds["load"]
+    calibrated = loaded + prepared.seconds["calibration"]
+    try:
         restored = resume_point.start if resume_point else 0
         if streamed is not None and resume_point is not None:
             for record in resume_point.records.values():  # in the layer files; read back when writing
@@ -260,17 +316,18 @@ def run_quantize(
             sink=work.save_layer,
             store=streamed,
             refiner=LayerRefiner(recipe.refine, learnable, on_refine_epoch) if recipe.refine is not None else None,
+            parallel=parallel,
         )
         records, layers = runner.run(None if data_free else calibration.windows, resume_point)
+        if parallel is not None:
+            parallel.check(None)  # the other ranks are done; only this one writes
         quantized = time.perf_counter()
         summary = method.summary()
         total_params = sum(p.numel() for p in model.parameters())
-        seconds = {
-            "load": loaded - start,
-            "calibration": calibrated - loaded,
-            "quantize": quantized - calibrated,
-        }
+        seconds = {**prepared.seconds, "quantize": quantized - calibrated}
         report = build_report(recipe, source.describe(), calibration, records, layers, total_params, seconds, summary, device)
+        if parallel is not None:
+            report["devices"] = [str(d) for d in resolve_devices(recipe.device)]
         report["resumed_layers"] = restored
         report["streamed"] = streamed is not None
         written_from = None
@@ -297,3 +354,100 @@ def run_quantize(
         raise
     work.remove()
     return Path(recipe.output), report
+
+
+# --------------------------------------------------------------------------------------------------
+# More than one device: the other ranks (llmquant/core/parallel.py)
+
+
+@contextmanager
+def parallel_ranks(devices: list[torch.device], recipe: Recipe, data_dir: str | None, streaming: str) -> Iterator[Parallel | None]:
+    """None for one device; else ranks 1.. as spawned processes (one per further device), this
+    process joined as rank 0, a watcher that ends this process with one line if another rank dies
+    outside the exchanges (nothing else could wake a rank blocked in a collective), and everything
+    joined and cleaned up after."""
+    if len(devices) == 1:
+        yield None
+        return
+    import tempfile
+    import threading
+
+    from llmquant.core import parallel as parallel_module
+
+    folder = Path(tempfile.mkdtemp(prefix="llmquant-ranks-"))
+    rendezvous = str(folder / "rendezvous")
+    context = torch.multiprocessing.get_context("spawn")
+    spec = ",".join(str(d) for d in devices)
+    workers = [
+        context.Process(target=_follower, args=(rank, spec, rendezvous, recipe.dump(), data_dir, streaming, torch.get_num_threads()))
+        for rank in range(1, len(devices))
+    ]
+    for worker in workers:
+        worker.start()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(1.0):
+            for rank, worker in enumerate(workers, start=1):
+                if worker.exitcode not in (None, 0):
+                    # An error every rank meets on its own (a Hessian with NaN in the same layer) ends
+                    # rank 0 too, with its own message: give it the time to, before stopping it here.
+                    if stop.wait(10.0):
+                        return
+                    from llmquant.ui import error_line
+
+                    error_line(f"rank {rank} ({devices[rank]}) ended with exit code {worker.exitcode}; stopping the run")
+                    os._exit(2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        parallel = parallel_module.init(0, len(devices), devices, rendezvous)
+        yield parallel
+    finally:
+        stop.set()
+        parallel_module.finish()
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _follower(rank: int, spec: str, rendezvous: str, recipe_data: dict, data_dir: str | None, streaming: str, threads: int) -> None:
+    """Rank > 0: builds what rank 0 builds and runs the same layers, quantizing its share of the
+    linears; writes nothing. An error agreed on with the other ranks ends it quietly (rank 0 reports
+    it); anything else is printed and ends it with exit code 1 (rank 0's watcher then stops the run)."""
+    import sys
+
+    from llmquant.core import parallel as parallel_module
+    from llmquant.recipe import parse_recipe
+    from llmquant.ui import setup_logging
+
+    torch.set_num_threads(threads)
+    setup_logging(quiet=True)
+    devices = resolve_devices(spec)
+    parallel = parallel_module.init(rank, len(devices), devices, rendezvous)
+    try:
+        try:
+            recipe = parse_recipe(recipe_data)
+            source = resolve_model_source(recipe.model)
+            prepared = prepare(recipe, source, devices[rank], data_dir, streaming)
+        except Exception as error:
+            parallel.check(error)
+            raise
+        parallel.check(None)  # rank 0 prepared too (or it failed: raised here)
+        runner = SequentialRunner(
+            prepared.model, prepared.resolved, prepared.method, devices[rank], getattr(torch, recipe.hessian_dtype),
+            store=prepared.streamed,
+            refiner=LayerRefiner(recipe.refine, learnable, None) if recipe.refine is not None else None,
+            parallel=parallel,
+        )  # fmt: skip
+        runner.run(None if prepared.data_free else prepared.calibration.windows, None)
+        parallel.check(None)
+    except BaseException as error:
+        if not getattr(error, "agreed", False):
+            print(f"rank {rank}: {type(error).__name__}: {' '.join(str(error).split())}", file=sys.stderr)
+            sys.exit(1)
+    finally:
+        parallel_module.finish()

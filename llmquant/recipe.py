@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmquant.core.refine import RefineConfig
-from llmquant.devices import check_device
+from llmquant.devices import check_devices
 from llmquant.errors import UserError
 from llmquant.methods import MethodConfig, available_methods, get_method_class
 
@@ -180,7 +180,7 @@ class Recipe(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        return check_device(value)
+        return check_devices(value)
 
     def dump(self) -> dict[str, Any]:
         """JSON-able form (method block included) for llmquant.json."""

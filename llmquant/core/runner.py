@@ -38,6 +38,7 @@ from llmquant.core.gptq import relative_output_error
 from llmquant.core.hessian import HessianAccumulator, record_damping
 from llmquant.core.method import Method, Observer
 from llmquant.core.record import QuantizedRecord
+from llmquant.core.parallel import Parallel
 from llmquant.core.refine import LayerRefiner, refine_layer
 from llmquant.errors import NumericalError
 from llmquant.models.layer_maps import ResolvedLayers
@@ -199,7 +200,9 @@ class SequentialRunner:
         sink: LayerSink | None = None,
         store: LayerStore | None = None,
         refiner: LayerRefiner | None = None,
+        parallel: Parallel | None = None,
     ):
+        self.parallel = parallel  # more than one device (core/parallel.py); None: this process alone
         self.model = model
         self.resolved = resolved
         self.method = method
@@ -218,6 +221,12 @@ class SequentialRunner:
         start = resume.start if resume else 0
         records: dict[str, QuantizedRecord] = dict(resume.records) if resume else {}
         reports: list[LayerReport] = list(resume.reports) if resume else []
+        if self.parallel is not None:
+            # Rank 0 alone reads the work directory: the others learn where to start, and from what.
+            saved = resume.inputs if resume is not None and start > 0 else None
+            start, saved = self.parallel.share((start, saved) if self.parallel.leader else None, 0)
+            if not self.parallel.leader and start > 0:
+                resume = ResumePoint(start, saved, {}, [])
         if start >= len(layers):
             return records, reports
         if windows is None:
@@ -252,6 +261,8 @@ class SequentialRunner:
             linear_reports = self._quantize_layer(index, layer, inputs, kwargs, layer_records, refine)
             refine = None
             inputs = self._forward(layer, inputs, kwargs, captured.returns_tuple)
+            if self.parallel is not None:  # every rank goes on from rank 0's exact hidden states
+                inputs = self.parallel.share_tensor(inputs.contiguous(), 0)
             last = index == len(layers) - 1
             if not last and not bool(torch.isfinite(inputs).all()):
                 raise NumericalError(
@@ -371,10 +382,16 @@ class SequentialRunner:
                 for n in group:
                     hessians[n] = identity.clone()
 
+        # With more than one device, linear number i of the layer is this rank's if owner(i) is it.
+        parallel = self.parallel
+        mine = {n for i, n in enumerate(modules) if parallel is None or parallel.owner(i) == parallel.rank}
+
         # Pass 2, only for methods that ask: per-sequence inputs and full-precision outputs.
         observers: dict[str, Observer] = {}
         damping: dict[str, list[tuple[str, float, float]]] = {n: [] for n in modules}
         for name, module in modules.items():
+            if name not in mine:
+                continue
             with record_damping() as seen:
                 obs = self.method.observer(prefix + name, module.weight.detach().float().clone(), hessians[name].clone())
             damping[name] += seen
@@ -384,38 +401,76 @@ class SequentialRunner:
             hooks = [(modules[n], _feed(obs)) for n, obs in observers.items()]
             _run_with_hooks(layer, inputs, kwargs, hooks)
 
-        # Quantize every linear with its own copy of W and H.
-        reports = []
+        # Quantize every linear (this rank's, with several devices) with its own copy of W and H.
+        by_name: dict[str, LinearReport] = {}
         fp_weights: dict[str, torch.Tensor] = {}
+        failure: BaseException | None = None
         for name, module in modules.items():
-            t0 = time.perf_counter()
+            if name not in mine and refine is None:
+                continue
             weight = module.weight.detach().float().clone()
             if refine is not None:
-                fp_weights[name] = weight
+                fp_weights[name] = weight  # every rank: rank 0 refines every linear
+            if name not in mine:
+                continue
+            t0 = time.perf_counter()
             hessian = hessians[name]
-            with record_damping() as seen:
-                record = self.method.quantize(prefix + name, weight.clone(), hessian.clone(), observers.get(name))
-            damping[name] += seen
-            computed = _install(prefix + name, module, record)
+            try:
+                with record_damping() as seen:
+                    record = self.method.quantize(prefix + name, weight.clone(), hessian.clone(), observers.get(name))
+                damping[name] += seen
+                computed = _install(prefix + name, module, record)
+            except Exception as error:  # with other ranks waiting, every rank must learn of it (below)
+                if parallel is None:
+                    raise
+                failure = error
+                break
             relative = relative_output_error(weight, computed, hessian)
             seconds = time.perf_counter() - t0
             records[prefix + name] = record
-            reports.append(
-                LinearReport(
-                    prefix + name,
-                    tuple(weight.shape),
-                    seconds,
-                    record.loss,
-                    relative,
-                    record.bits.as_dict(),
-                    record.stats,
-                    tokens=tokens[name],
-                    damping=max((used for _, _, used in damping[name]), default=None),
-                )
+            by_name[name] = LinearReport(
+                prefix + name,
+                tuple(weight.shape),
+                seconds,
+                record.loss,
+                relative,
+                record.bits.as_dict(),
+                record.stats,
+                tokens=tokens[name],
+                damping=max((used for _, _, used in damping[name]), default=None),
             )
+        if parallel is not None:
+            parallel.check(failure)
+            for position, (name, module) in enumerate(modules.items()):
+                self._exchange(parallel, parallel.owner(position), prefix + name, module, records, by_name, name)
+        reports = [by_name[name] for name in modules]
         if refine is not None:
-            self._refine_layer(index, layer, inputs, kwargs, refine, modules, fp_weights, hessians, records, reports)
+            if parallel is None or parallel.leader:
+                self._refine_layer(index, layer, inputs, kwargs, refine, modules, fp_weights, hessians, records, reports)
+            if parallel is not None:  # rank 0 refined; everyone installs its records
+                reports = [self._exchange(parallel, 0, prefix + n, m, records, by_name, n) for n, m in modules.items()]
         return reports
+
+    def _exchange(
+        self,
+        parallel: Parallel,
+        src: int,
+        full_name: str,
+        module: nn.Module,
+        records: dict[str, QuantizedRecord],
+        by_name: dict[str, LinearReport],
+        name: str,
+    ) -> LinearReport:
+        """One linear's record and report from rank `src` to every rank: installed in the model, kept
+        in `records`, and (on the ranks that did not compute it) handed to the method's `restore`, as
+        a resume does, so its cross-linear state (SliM-LLM's allocation) is complete on rank 0."""
+        record, report = parallel.share((records[full_name], by_name[name]) if parallel.rank == src else None, src)
+        if parallel.rank != src:
+            _install(full_name, module, record)
+            records[full_name] = record
+            self.method.restore(full_name, record)
+            by_name[name] = report
+        return by_name[name]
 
     def _refine_layer(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -159,8 +160,15 @@ class SliM(Method[SliMConfig]):
         self.chosen[name] = [int(b) for b in record.tensors["group_bits"].tolist()]
 
     def summary(self) -> dict[str, Any]:
-        """The chosen allocation, {linear name: [bits per group]}, in the recipe's `allocation` shape."""
-        return {"allocation": dict(self.chosen)}
+        """The chosen allocation, {linear name: [bits per group]}, in the recipe's `allocation` shape,
+        in natural order of the names (layer 2 before layer 10): the same file whatever order the
+        linears were quantized in (several devices quantize a layer's linears in parallel)."""
+        return {"allocation": {name: self.chosen[name] for name in sorted(self.chosen, key=_natural)}}
 
     def artifacts(self) -> dict[str, Any]:
-        return {ALLOCATION_FILE: {"allocation": dict(self.chosen)}}
+        return {ALLOCATION_FILE: self.summary()}
+
+
+def _natural(name: str) -> list:
+    """Sort key: digit runs compare as numbers."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
