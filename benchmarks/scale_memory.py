@@ -39,8 +39,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/kernels.py would shadow the `kernels` package transformers imports.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))  # llmquant from this checkout even where it is not installed
 
 from llmquant.safetensors_io import write_safetensors  # noqa: E402
 

@@ -28,8 +28,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
+import shutil
 import statistics
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,8 +123,6 @@ def loss_ratios(reports: Path, variant: str, base: str, seeds: list[int]) -> lis
     output loss over the base's (layer 0 sees identical inputs in both runs; later layers see the
     outputs of already different earlier layers, so their ratios are indicative), geometric means
     over the linears whose choice differs, and how many linears chose a partial shift."""
-    import math
-
     lines = []
     for seed in seeds:
         files = [reports / f"{group}-seed{seed}.json" for group in (variant, base)]
@@ -220,8 +221,6 @@ def main() -> None:
             stored.write_text(json.dumps(row, indent=2) + "\n")
             print(f"   ppl {row['ppl']:.3f}, KL {row['kl']:.4f}, quantize {row['quantize_seconds']:.0f}s, eval {row['eval_seconds']:.0f}s",
                   flush=True)
-            import shutil
-
             # The quantize report (per-linear losses and stats) outlives the checkpoint: RUNS/reports/.
             (args.runs / "reports").mkdir(exist_ok=True)
             shutil.copyfile(args.runs / label / "llmquant.json", args.runs / "reports" / f"{label}.json")
@@ -232,8 +231,6 @@ def main() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     rows.sort(key=lambda r: (order.get(r["group"], len(order)), r["group"], r["seed"]))
     summary = summarize(rows)
-    import subprocess
-
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     meta = {"finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": bench.machine(), "commit": commit or "?"}
     block = table(summary, baseline, meta)

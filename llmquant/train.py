@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from llmquant.errors import UserError
 from llmquant.formats.checkpoint import DEFAULT_MAX_SHARD_BYTES, read_checkpoint, rewrite_packed
 from llmquant.formats.packers import pack, unpack
 from llmquant.layouts.partial_binary.qat import PartialBinaryQAT
-from llmquant.output import check_output_path, fsync_dir
+from llmquant.output import check_output_path
 from llmquant.provenance import peak_memory, versions
 from llmquant.resume import WORK_VERSION, WorkDir, check_work_dir, environment, work_dir_for
 from llmquant.runtime.loader import load_model
@@ -131,13 +130,8 @@ def save_state(work: Path, step: int, losses: list[float], params: list[tuple[st
                 tensors[f"{key}.{name}"] = state[key].detach().cpu().contiguous()
         if "step" in state:
             tensors[f"adam_step.{name}"] = torch.as_tensor(state["step"]).detach().cpu().reshape(1).float()
-    header = {STATE_KEY: json.dumps({"step": step, "losses": losses})}
-    temporary = work / f".{STATE_FILE}.tmp"
-    write_safetensors(temporary, tensors, header)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, work / STATE_FILE)
-    fsync_dir(work)
+    # write_safetensors writes a temporary name, fsyncs and renames: a kill leaves the previous state
+    write_safetensors(work / STATE_FILE, tensors, {STATE_KEY: json.dumps({"step": step, "losses": losses})})
 
 
 def load_state(work: Path, params: list[tuple[str, nn.Parameter]], optimizer) -> tuple[int, list[float]]:

@@ -526,7 +526,7 @@ def test_writer_refuses_records_that_do_not_fit_the_model(tiny, tmp_path):
 
 def test_csr_index_at_exactly_256_columns():
     """8-bit column indices of a 256-wide layer: unpacked as uint8, where `>= 256` once compared
-    with 0 and refused every valid record (found by benchmarks/kernels.py's random records)."""
+    with 0 and refused every valid record (found by benchmarks/kernel_speed.py's random records)."""
     layout, tensors, meta, _, _ = build("partial_binary-8bit-0.02", 128, 256)
     packed = check_round_trip(layout, tensors, meta)
     assert packed.encoding["index_format"] == "csr"

@@ -179,9 +179,12 @@ class LayerSink(Protocol):
 class LayerStore(Protocol):
     """Where decoder layers live between uses (streaming quantization, llmquant/models/streaming.py):
     `materialize` reads layer `index` into host memory before the runner uses it (a no-op when it
-    is there), `release` hands its memory back after the sink has saved the layer's records."""
+    is there), `release` hands its memory back after the sink has saved the layer's records,
+    `release_outer` hands back the weights outside the layers once the layer inputs are captured."""
 
     def materialize(self, index: int, layer: nn.Module) -> None: ...
+
+    def release_outer(self) -> None: ...
 
     def release(self, index: int, layer: nn.Module) -> None: ...
 
@@ -235,9 +238,12 @@ class SequentialRunner:
         if self.store is not None:
             self.store.materialize(0, layers[0])  # capture runs layer 0 once (what it returns)
         captured = capture_layer_inputs(self.model, layers, windows)
-        if self.store is not None and start > 0:
-            self.store.release(0, layers[0])
+        if self.store is not None:
+            self.store.release_outer()
+            if start > 0:
+                self.store.release(0, layers[0])
         inputs = captured.hidden.to(self.device)
+        captured.hidden = None  # type: ignore[assignment]  # `inputs` is the only copy from here on
         if resume is not None and start > 0:
             assert resume.inputs is not None
             if resume.inputs.shape != inputs.shape:
@@ -367,7 +373,8 @@ class SequentialRunner:
             accumulators[tuple(group)] = acc
             captures.append((first, acc.add_batch))
         accumulate_linear_inputs(layer, inputs, kwargs, captures)
-        hessians = {n: accumulators[tuple(g)].finalize(prefix + n) for g in groups for n in g}
+        # One H per group, shared by its linears (every consumer below gets its own clone or only reads)
+        hessians = {n: accumulators[tuple(g)].finalize(prefix + g[0]) for g in groups for n in g}
         tokens = {n: accumulators[tuple(g)].tokens for g in groups for n in g}
         for group in groups:
             acc = accumulators[tuple(group)]

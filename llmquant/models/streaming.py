@@ -249,6 +249,19 @@ class StreamedModel:
         prefix = self._layer_prefix(index)
         self._load_into(layer, prefix, list(layer.state_dict().keys()))
 
+    def release_outer(self) -> None:
+        """Once the calibration inputs are captured, nothing reads the weights outside the decoder
+        layers (the embeddings above all: vocabulary x hidden, 2 GB in float32 at 70B): the output is
+        written from the files. Their parameters go back to the meta device (tied ones included);
+        buffers (rotary tables) stay."""
+        for name, param in list(self.model.named_parameters(remove_duplicate=False)):
+            if self._in_layers(name) or param.is_meta:
+                continue
+            module_name, _, attr = name.rpartition(".")
+            module = self.model.get_submodule(module_name) if module_name else self.model
+            module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+        release_memory()
+
     def release(self, index: int, layer: nn.Module) -> None:
         """Hands the layer's memory back: its tensors go back to the meta device, and the freed heap
         to the system (glibc keeps freed memory of smaller allocations otherwise)."""

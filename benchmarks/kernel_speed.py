@@ -1,7 +1,7 @@
 """Speed of the fused low-bit kernels against fp16 cuBLAS, on one GPU, in a few minutes; writes JSON.
 
-    python benchmarks/kernels.py --output kernels.json            # on a CUDA machine
-    python benchmarks/kernels.py --smoke --output smoke.json      # the same code on a CPU, tiny shapes,
+    python benchmarks/kernel_speed.py --output kernels.json            # on a CUDA machine
+    python benchmarks/kernel_speed.py --smoke --output smoke.json      # the same code on a CPU, tiny shapes,
                                                                   # Triton's interpreter (checks the script)
 
 1. Kernels: for each layout setting below and each matrix shape of LLaMA-2-7B (4096x4096,
@@ -32,9 +32,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Python puts this script's folder first on the path, where this file would shadow the `kernels`
-# package that transformers imports when it is installed: take the folder off, put the project on.
-sys.path = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))  # llmquant from this checkout even where it is not installed
 
 SHAPES_7B = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out_features, in_features)
 SHAPES_70B = [(8192, 8192), (28672, 8192)]
