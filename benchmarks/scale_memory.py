@@ -19,8 +19,10 @@ allocation error instead of being measured. Peak RSS is the run's own (getrusage
              (the hidden states feeding the layer and those it produces: 2 x nsamples x seqlen x hidden x 4 B)
 
 and, since a Python process holding torch and transformers has a floor of its own before it reads
-any weight, `baseline` (the peak RSS of the same interpreter after importing what a run imports) is
-reported too: `peak - baseline` is what the run itself held. GPTQ runs with a small calibration set
+any weight, two floors are reported: `floor` (the peak RSS of the same command on a 2-layer model of
+64-wide layers: the interpreter, modules imported on first use, tokenizer, calibration text) and
+`baseline` (an interpreter that only imports torch, transformers and llmquant). `peak - floor` is
+what the model's size made the run hold. GPTQ runs with a small calibration set
 (--nsamples/--seqlen, 4 x 128 by default) to keep the 2-core CPU's time in minutes: its activations
 are small, its Hessians (hidden^2 and intermediate^2 floats) are not, and they are reported.
 """
@@ -126,9 +128,10 @@ def make_model(directory: Path, s: dict, seed: int = 0) -> dict:
 def baseline_rss(cap: int | None) -> int:
     """Peak RSS of an interpreter that imports what a quantize run imports, and nothing else."""
     code = (
-        "import resource, torch, transformers, llmquant.quantize, llmquant.cli;"
+        "import torch, transformers, llmquant.quantize, llmquant.cli;"
         "from transformers import LlamaForCausalLM;"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+        "from llmquant.provenance import process_peak_rss;"
+        "print(process_peak_rss())"
     )
     out = subprocess.run(_capped(cap) + [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env())
     return int(out.stdout.strip().splitlines()[-1])
@@ -207,8 +210,13 @@ def main() -> None:
     base = baseline_rss(cap)
     activations = 2 * args.nsamples * args.seqlen * shape["hidden"] * 4
     budget = sizes["layer_fp32_bytes"] + sizes["embeddings_fp32_bytes"] + activations
+    # The floor of a run: the same command on a model with almost no weights (SMOKE shape). It holds
+    # what the import-only baseline misses: modules imported on first use, the tokenizer, the corpus.
+    floor_dir = work / "floor-model"
+    make_model(floor_dir, dict(SMOKE, layers=2))
     runs = []
     for method in args.methods.split(","):
+        floor = quantize(floor_dir, work / f"out-{method}-floor", method, None, args.nsamples, args.seqlen, corpus, "auto", 2, None)
         modes = ["auto", "off"] if args.also_whole else ["auto"]
         for mode in modes:
             result = quantize(
@@ -218,6 +226,9 @@ def main() -> None:
             if result["ok"]:
                 result["peak_over_budget"] = result["peak_rss_bytes"] / budget
                 result["peak_minus_baseline_over_budget"] = (result["peak_rss_bytes"] - base) / budget
+                if floor["ok"]:
+                    result["floor_rss_bytes"] = floor["peak_rss_bytes"]
+                    result["peak_minus_floor_over_budget"] = (result["peak_rss_bytes"] - floor["peak_rss_bytes"]) / budget
             runs.append(result)
             print(json.dumps(result), flush=True)
     figures = {

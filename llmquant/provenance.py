@@ -41,7 +41,13 @@ def device_name(device: torch.device) -> str:
 
 
 def process_peak_rss() -> int:
-    """Peak resident memory of this process since it started, in bytes."""
+    """Peak resident memory of this process since it started, in bytes: VmHWM where Linux has it.
+    Not getrusage's ru_maxrss there: Linux carries it over from the parent through fork and execve,
+    so a run started by a large process (a benchmark harness holding a model) would report the
+    parent's size as its own peak."""
+    own = peak_rss()
+    if own is not None:
+        return own
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 

@@ -460,3 +460,18 @@ def test_seed_spread_summary_and_which_differences_exceed_it():
     assert "| a | — | 0, 1, 2 | 110.00 [100.00, 120.00] |" in text
     overlapping = seeds.comparisons([summary["a"], {**summary["b"], "ppl": {"mean": 115, "min": 105, "max": 125, "n": 3}}])
     assert overlapping == ["- `a` vs `b`: **within the spread** (PPL and KL ranges overlap)"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM and the inherited ru_maxrss are Linux's")
+def test_a_run_reports_its_own_peak_not_its_parents():
+    """Linux carries ru_maxrss over through fork and execve: a quantize started by a harness holding a
+    model would report the harness's size. The reported peak is the child's own (VmHWM)."""
+    from llmquant.provenance import current_rss
+
+    ballast = torch.ones(2**30 // 4)  # 1 GiB held by this (parent) process, resident
+
+    parent = current_rss()
+    code = "from llmquant.provenance import process_peak_rss; print(process_peak_rss())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < parent - 800 * 2**20, (child, parent)  # the child never held the ballast
+    del ballast
