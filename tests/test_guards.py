@@ -154,6 +154,9 @@ def test_markup_in_user_input_is_printed_literally(tmp_path, tiny_llama_dir, cor
     assert code == 2 and one_error_line(stderr) == f'{recipe}: "[/bold]": unknown key'
     code, stderr = run_cli("eval", "--model", str(tmp_path / "no[/]where"))
     assert code == 2 and one_error_line(stderr) == f"model directory not found: {tmp_path / 'no[/]where'}"
+    # relative, missing, and no hub id either: said as a missing path (not as huggingface_hub's id rules)
+    code, stderr = run_cli("eval", "--model", "no[/]such")
+    assert code == 2 and one_error_line(stderr) == "model not found: no[/]such is no file or directory here, nor a Hugging Face hub id (owner/name)"
     code, stderr = run_cli("eval", "--model", "./x", "--device", "[red]cuda")
     assert code == 2 and "[red]cuda" in one_error_line(stderr)
 

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -193,6 +194,17 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or Path(spec).expanduser().exists()
 
 
+# A Hugging Face repo id: `name` or `owner/name`, letters, digits, `_`, `-`, `.`; no `--` or `..`, not
+# starting or ending with `-` or `.` (huggingface_hub's rules, checked here so that a mistyped local
+# path is reported as one, not as a hub-id violation).
+_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"{_HUB_PART}(?:/{_HUB_PART})?")
+
+
+def _is_hub_id(spec: str) -> bool:
+    return bool(_HUB_ID.fullmatch(spec)) and "--" not in spec and ".." not in spec
+
+
 def resolve_model_source(spec: str, materialize: bool = True) -> ModelSource:
     """Turns a recipe/CLI model string into a ModelSource, or raises UserError. A chunked alias is
     assembled on first use; materialize=False only checks that its packages are installed."""
@@ -209,6 +221,8 @@ def resolve_model_source(spec: str, materialize: bool = True) -> ModelSource:
             raise UserError(f"model {spec!r}: {filename} is missing from {folder}")
         return ModelSource("gguf", str(folder), filename)
     if not _looks_local(spec):
+        if not _is_hub_id(spec):
+            raise UserError(f"model not found: {spec} is no file or directory here, nor a Hugging Face hub id (owner/name)")
         return ModelSource("hub", spec)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
