@@ -456,8 +456,9 @@ def test_seed_spread_summary_and_which_differences_exceed_it():
     assert "within the spread" not in a_b
     a_c = next(line for line in lines if "`a` vs `c`" in line)
     assert "PPL: `a` better" in a_c and "KL: `a` better" in a_c
-    text = seeds.table(list(summary.values()), {"ppl": 30.0}, {"finished": "t", "machine": "m", "commit": "x"})
+    text = seeds.table(list(summary.values()), {"ppl": 30.0}, {"finished": "t", "machine": "m", "commit": "x", "threads": "1"})
     assert "| a | — | 0, 1, 2 | 110.00 [100.00, 120.00] |" in text
+    assert "Threads per process (OMP_NUM_THREADS): 1;" in text
     overlapping = seeds.comparisons([summary["a"], {**summary["b"], "ppl": {"mean": 115, "min": 105, "max": 125, "n": 3}}])
     assert overlapping == ["- `a` vs `b`: **within the spread** (PPL and KL ranges overlap)"]
 
