@@ -254,12 +254,15 @@ class StreamedModel:
         layers (the embeddings above all: vocabulary x hidden, 2 GB in float32 at 70B): the output is
         written from the files. Their parameters go back to the meta device (tied ones included);
         buffers (rotary tables) stay."""
+        stand_ins: dict[int, nn.Parameter] = {}  # one per original: tied weights stay one parameter
         for name, param in list(self.model.named_parameters(remove_duplicate=False)):
             if self._in_layers(name) or param.is_meta:
                 continue
+            if id(param) not in stand_ins:
+                stand_ins[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
             module_name, _, attr = name.rpartition(".")
             module = self.model.get_submodule(module_name) if module_name else self.model
-            module._parameters[attr] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+            module._parameters[attr] = stand_ins[id(param)]
         release_memory()
 
     def release(self, index: int, layer: nn.Module) -> None:
