@@ -12,7 +12,7 @@ one tensor at a time, never held in memory. Narrow layers and many of them: the 
 not depend on the number of layers, while GPTQ's time grows with the square of the width, and this
 has to run on a busy 2-core machine. The cap is RLIMIT_DATA (`prlimit --data`): since Linux 4.7 it bounds every private
 writable mapping, i.e. all of torch's host allocations, so a run over the cap fails with an
-allocation error instead of being measured. Peak RSS is the run's own (getrusage in its report,
+allocation error instead of being measured. Peak RSS is the run's own (VmHWM in its report,
 `peak_memory.rss_bytes`). The figure it is judged against is
 
     budget = one decoder layer in float32 + the input embeddings in float32 + activations
