@@ -18,6 +18,8 @@ The table is the `refine` section of docs/results.md; the JSON docs/results-refi
 
     python benchmarks/refine.py                           # everything (hours on the 2-core CPU)
     python benchmarks/refine.py --only pbllm-10pct-qat    # one row (and its base)
+
+Rows ending in -keep run their recipe with `--set refine.codes=keep` (docs/refine.md).
 """
 
 from __future__ import annotations
@@ -40,11 +42,18 @@ PAIRS = [  # (label, base label, goal text, goal test on (row, base, rows))
     ("billm-1bit-refined", "billm-1bit", "PPL <= 0.5x"),
     ("pbllm-10pct-refined", "pbllm-10pct", "PPL <= 0.5x"),
     ("pbllm-10pct-qat", "pbllm-10pct", "PPL below pbllm-10pct-refined"),
+    # `refine.codes: keep` (docs/refine.md): the method's codes kept, the scales of 2..8-bit groups
+    # learned, against the same base and goal as the recipe as shipped (OmniQuant LWC, codes re-derived)
+    ("slim-plus-2bit-keep", "slim-2bit", "PPL <= 0.65x and KL lower"),
+    ("slim-plus-3bit-keep", "slim-3bit", "PPL lower"),
+    ("gptq-w2g128-refined-keep", "gptq-w2g128", "PPL < 1,000"),
 ]
+VARIANTS = {label: (label.removesuffix("-keep"), ["refine.codes=keep"]) for label, _, _ in PAIRS if label.endswith("-keep")}
 
 
 def goal_met(label: str, row: dict, base: dict, rows: dict) -> bool | None:
     ratio = row["ppl"] / base["ppl"]
+    label = label.removesuffix("-keep")  # a variant has its recipe's goal
     if label == "slim-plus-2bit":
         return ratio <= 0.65 and row["kl"] < base["kl"]
     if label == "slim-plus-3bit":
@@ -76,7 +85,7 @@ def base_row(bench, label: str, base: Path, runs: Path, keep: bool) -> dict:
         row = json.loads(seeds_row.read_text())
         row["from"] = str(seeds_row.relative_to(ROOT))
         return row
-    row = bench.run_one(label, ROOT / "recipes" / f"{label}.yaml", [], base, runs)
+    row = bench.run_one(label, ROOT / "recipes" / f"{label}.yaml", [], base, runs, reuse=True)
     stored.write_text(json.dumps(row, indent=2) + "\n")
     return row
 
@@ -116,6 +125,9 @@ def table(rows: dict, pairs: list, meta: dict) -> str:
         "SmolLM2-135M, P1 calibration (32 x 512, seed 0) and evaluation (WikiText-2, first 128 windows of 512). "
         "Refined recipes: recipes/*-refined.yaml and slim-plus-*.yaml (their `refine:` blocks; docs/refine.md). "
         "QAT: `llmquant train` from the pbllm-10pct checkpoint (docs/methods/pbllm.md).",
+        "",
+        "Rows ending in `-keep`: the recipe with `--set refine.codes=keep` (the method's codes kept, the "
+        "scales of 2..8-bit groups learned; docs/refine.md).",
         "",
         "| run | from | PPL from → to | × | KL from → to | goal | met | quantize/train s | peak RSS GiB |",
         "|---|---|---:|---:|---:|---|---|---:|---:|",
@@ -173,7 +185,10 @@ def main() -> None:
         if label == "pbllm-10pct-qat":
             row = qat_row(bench, base, runs, args.qat_steps, args.qat_lr, args.qat_seqlen, args.qat_start)
         else:
-            row = bench.run_one(label, ROOT / "recipes" / f"{label}.yaml", [], base, runs)
+            # reuse=True: a checkpoint of this very recipe already in RUNS/LABEL (an interrupted run,
+            # or one quantized in another process) is evaluated, not remade
+            stem, sets = VARIANTS.get(label, (label, []))
+            row = bench.run_one(label, ROOT / "recipes" / f"{stem}.yaml", sets, base, runs, reuse=True)
         stored.write_text(json.dumps(row, indent=2) + "\n")
         rows[label] = row
         print(f"   ppl {row['ppl']:.3f}, KL {row['kl']:.4f}", flush=True)

@@ -35,7 +35,17 @@ CASES = {
     "mixed": "mixed-1to4",
     "partial_binary": "partial_binary-8bit-0.3",
     "binary_residual": "binary_residual",
+    # `refine.codes: keep`: the method's codes and zeros kept, the scales of 2..8-bit groups learned
+    "uniform-keep": "uniform-2bit",
+    "uniform-g_idx-keep": "uniform-4bit-g_idx",
+    "uniform-sym-keep": "uniform-3bit-sym",
+    "mixed-keep": "mixed-1to4",
 }
+KEEP = RefineConfig(codes="keep")
+
+
+def case_config(case: str) -> RefineConfig:
+    return KEEP if case.endswith("-keep") else CONFIG
 
 
 def case_record(case: str, seed: int = 0):
@@ -58,7 +68,7 @@ def case_record(case: str, seed: int = 0):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gradients_reach_every_learned_parameter(case):
     record, weight = case_record(case)
-    learned = learnable(record, weight, CONFIG)
+    learned = learnable(record, weight, case_config(case))
     assert learned is not None
     target = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(7)) * 0.05
     (learned.weight() - target).pow(2).sum().backward()
@@ -71,15 +81,21 @@ def test_gradients_reach_every_learned_parameter(case):
             assert bool((p.grad[multi] != 0).all())
         for p in learned.scale_params:  # alpha/mu offsets of the 1-bit groups
             assert bool((p.grad[~multi] != 0).all())
+    elif case == "mixed-keep":
+        multi = (record.tensors["group_bits"] > 1).unsqueeze(0).expand(ROWS, -1)
+        assert not learned.clip_params
+        scale_offset, mean_offset = learned.scale_params
+        assert bool((scale_offset.grad != 0).all())  # every group's scale (1-bit: alpha)
+        assert bool((mean_offset.grad[~multi] != 0).all())  # mu of the 1-bit groups
     else:
         for p in params:
             assert p.grad is not None and bool((p.grad != 0).all()), case
 
 
-@pytest.mark.parametrize("case", ["partial_binary", "binary_residual", "mixed"])
-def test_binary_parameters_start_at_the_record(case):
+@pytest.mark.parametrize("case", ["partial_binary", "binary_residual", "mixed", *[c for c in CASES if c.endswith("-keep")]])
+def test_binary_and_kept_code_parameters_start_at_the_record(case):
     record, weight = case_record(case)
-    learned = learnable(record, weight, CONFIG)
+    learned = learnable(record, weight, case_config(case))
     with torch.no_grad():
         start = learned.weight()
     if case == "mixed":  # the 1-bit groups' columns; the others are re-derived by the clipping
@@ -92,7 +108,7 @@ def test_binary_parameters_start_at_the_record(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_refined_records_are_exact_records_of_their_layout(case):
     record, weight = case_record(case)
-    learned = learnable(record, weight, CONFIG)
+    learned = learnable(record, weight, case_config(case))
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in [*learned.clip_params, *learned.scale_params]:
@@ -109,6 +125,16 @@ def test_refined_records_are_exact_records_of_their_layout(case):
         assert torch.equal(unpacked[key], tensor), key
     assert torch.equal(packers.dequantize(packed), refined.dequantized)  # packed == fake
     assert refined.bits == record.bits
+    if case.endswith("-keep"):  # only the scales moved
+        assert torch.equal(refined.tensors["codes"], record.tensors["codes"])
+        assert torch.equal(refined.tensors["zeros"][multi_groups(record)], record.tensors["zeros"][multi_groups(record)])
+
+
+def multi_groups(record) -> torch.Tensor:
+    """Mask of a record's zeros that are integer zero points (all of them but the 1-bit groups' mu)."""
+    if record.layout == "mixed":
+        return (record.tensors["group_bits"] > 1).unsqueeze(0).expand(ROWS, -1)
+    return torch.ones_like(record.tensors["zeros"], dtype=torch.bool)
 
 
 # ---- the engine on a real decoder layer --------------------------------------------------------
@@ -143,11 +169,11 @@ def rtn_record(weight):
     return cls(cls.Config(name="rtn", bits=2, group_size=32)).quantize("x", weight.clone(), None)
 
 
-@pytest.mark.parametrize("lr", [1e-2, 10.0])
-def test_the_reconstruction_loss_never_increases(lr):
+@pytest.mark.parametrize(("lr", "codes"), [(1e-2, "rederive"), (10.0, "rederive"), (1e-2, "keep"), (10.0, "keep")])
+def test_the_reconstruction_loss_never_increases(lr, codes):
     layer, records, fp, inputs, targets, kwargs, returns_tuple = tiny_layer_setup(rtn_record)
     before = {n: layer.get_submodule(n).weight.detach().clone() for n in records}
-    config = RefineConfig(epochs=3, lr=lr, scale_lr=lr)
+    config = RefineConfig(epochs=3, lr=lr, scale_lr=lr, codes=codes)
     seen = []
     result = refine_layer(
         layer, records, fp, inputs, targets, kwargs, returns_tuple, config, learnable, on_epoch=lambda *a: seen.append(a)
@@ -200,12 +226,13 @@ def refined_recipe(model_dir, corpus, output, method, epochs=2, **refine):
     )
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_a_refined_run_per_layout_end_to_end(tiny_llama_dir, corpus, tmp_path, method):
+@pytest.mark.parametrize(("method", "codes"), [*[(m, "rederive") for m in sorted(METHODS)], ("gptq", "keep"), ("slim", "keep")])
+def test_a_refined_run_per_layout_end_to_end(tiny_llama_dir, corpus, tmp_path, method, codes):
     epochs_seen = []
     packed_dir, fake_dir = tmp_path / "packed", tmp_path / "fake"
+    settings = {"lr": 5e-2, "scale_lr": 1e-2, "codes": codes}
     _, report = run_quantize(
-        refined_recipe(tiny_llama_dir, corpus, packed_dir, method, lr=5e-2, scale_lr=1e-2),
+        refined_recipe(tiny_llama_dir, corpus, packed_dir, method, **settings),
         on_refine_epoch=lambda *a: epochs_seen.append(a),
     )
     assert [(i, e) for i, e, _, _ in epochs_seen] == [(0, 1), (0, 2), (1, 1), (1, 2)]
@@ -215,7 +242,9 @@ def test_a_refined_run_per_layout_end_to_end(tiny_llama_dir, corpus, tmp_path, m
     summary = report["refine"]
     assert summary["layers"] == 2 and summary["mean_loss_after"] <= summary["mean_loss_before"]
     # the packed checkpoint decodes to exactly the fake-quant checkpoint's weights
-    run_quantize(refined_recipe(tiny_llama_dir, corpus, fake_dir, method, lr=5e-2, scale_lr=1e-2), fmt="fake")
+    if codes == "keep":  # the scales were learned: some linear's record was replaced
+        assert any(s["refined"] for s in stats)
+    run_quantize(refined_recipe(tiny_llama_dir, corpus, fake_dir, method, **settings), fmt="fake")
     fake = load_file(fake_dir / "model.safetensors")
     model = load_quantized(packed_dir)
     checked = 0
@@ -267,6 +296,7 @@ def test_a_data_free_method_with_refine_is_calibrated(tiny_llama_dir, corpus, tm
         ("refine: {lr: 0}", "refine.lr"),
         ("refine: {epoch: 2}", "refine.epoch: unknown key"),
         ("refine: {batch_size: 0}", "refine.batch_size"),
+        ("refine: {codes: frozen}", "refine.codes"),
     ],
 )
 def test_bad_refine_blocks_name_the_field(tmp_path, tiny_llama_dir, block, field):

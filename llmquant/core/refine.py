@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -53,6 +53,14 @@ class RefineConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)
     clip_init: float = Field(4.0, ge=-20.0, le=20.0, description="initial clipping logit: sigmoid(4) = 0.982 of the range")
     seed: int = Field(0, ge=0, description="seed of the sample order (with the layer index)")
+    codes: Literal["rederive", "keep"] = Field(
+        "rederive",
+        description=(
+            "groups of 2..8 bits (uniform, mixed): 'rederive' = OmniQuant LWC, the clipping learned and the codes "
+            "re-derived from the full-precision weight (SliM-LLM+); 'keep' = the method's codes and zeros kept, "
+            "each (row, group)'s scale learned (relative offset, scale_lr)"
+        ),
+    )
 
 
 # ---- helpers the layouts' learnables share -------------------------------------------------------

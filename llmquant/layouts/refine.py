@@ -6,8 +6,9 @@ table turns them into the engine's `Learnable` (export -> a record made by `make
 decoded by the layout itself and with its bit figures, so a refined record is an exact record of
 its layout).
 
-    uniform          clipping logits per (row, group); codes re-derived (straight-through round)
-    mixed            clipping logits of 2..8-bit groups; alpha/mu of 1-bit groups
+    uniform          clipping logits per (row, group), codes re-derived (straight-through round);
+                     with `codes: keep`, the scales per (row, group), codes and zeros kept
+    mixed            2..8-bit groups as uniform; alpha/mu of 1-bit groups
     partial_binary   alpha/mu of the binarized part; salient 8-bit weights and signs frozen
     binary_residual  alpha/mu of each part (salient orders 1 and 2, concentrated, sparse) per block
 """

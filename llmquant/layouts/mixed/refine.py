@@ -1,8 +1,10 @@
 """What the refinement engine learns in a `mixed` record (llmquant/core/refine.py), the group
 widths fixed:
 
-- groups of 2..8 bits: per (row, group) clipping logits (OmniQuant LWC, as in `uniform`), the codes
-  re-derived from the full-precision weight with a straight-through round, zeros integer;
+- groups of 2..8 bits, by `RefineConfig.codes`: `rederive` = per (row, group) clipping logits
+  (OmniQuant LWC, as in `uniform`), the codes re-derived from the full-precision weight with a
+  straight-through round, zeros integer; `keep` = the method's codes and zeros kept, the scale
+  learned relative to the method's (scale = scale0 (1 + a), a starting at 0);
 - 1-bit groups: alpha and mu per (row, group), the signs kept (alpha = alpha0 (1 + a),
   mu = mu0 + alpha0 m, a and m starting at 0)."""
 
@@ -12,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llmquant.core.refine import ClippedGrid, RefineConfig, fp16_ste, relative
+from llmquant.core.refine import ClippedGrid, RefineConfig, fp16_ste, relative, spread
 from llmquant.layouts.base import FP16, expand_groups
 
 
@@ -22,37 +24,53 @@ class MixedLearnable:
         device = weight.device
         rows, cols = weight.shape
         gs = meta["group_size"]
+        self.cols = cols
         self.group_bits = tensors["group_bits"].to(device)
         groups = self.group_bits.numel()
         self.one_bit_groups = self.group_bits == 1
         self.one_bit = expand_groups(self.one_bit_groups.unsqueeze(0), cols, gs).expand(rows, cols)
-        col_group = torch.arange(cols, device=device) // gs
-        maxq = (2 ** self.group_bits.long() - 1).float()
-        self.grid = ClippedGrid(weight, col_group, groups, maxq, False, config.clip_init, gs)
-        self.col_group = col_group
         self.codes = tensors["codes"].to(device)
         self.signs = self.codes.float() * 2 - 1
-        self.alpha0 = tensors["scales"].to(device).float()
-        self.mu0 = tensors["zeros"].to(device).float()
-        self.clip_params = self.grid.params if bool((~self.one_bit_groups).any()) else []
-        self.scale_params = []
-        if bool(self.one_bit_groups.any()):
+        self.alpha0 = tensors["scales"].to(device).float()  # 1-bit groups: alpha; the others: scale
+        self.mu0 = tensors["zeros"].to(device).float()  # 1-bit groups: mu; the others: integer zero
+        has_multi = bool((~self.one_bit_groups).any())
+        self.grid: ClippedGrid | None = None
+        self.clip_params: list[torch.Tensor] = []
+        self.scale_params: list[torch.Tensor] = []
+        self.a = self.m = None
+        if config.codes == "rederive" and has_multi:
+            col_group = torch.arange(cols, device=device) // gs
+            maxq = (2 ** self.group_bits.long() - 1).float()
+            self.grid = ClippedGrid(weight, col_group, groups, maxq, False, config.clip_init, gs)
+            self.clip_params = self.grid.params
+        if bool(self.one_bit_groups.any()) or (config.codes == "keep" and has_multi):
+            # a: relative offset of every learned scale (1-bit alpha; with `keep`, the others' scale too)
             self.a = torch.zeros(rows, groups, device=device, requires_grad=True)
+            self.scale_params.append(self.a)
+        if bool(self.one_bit_groups.any()):
             self.m = torch.zeros(rows, groups, device=device, requires_grad=True)
-            self.scale_params = [self.a, self.m]
+            self.scale_params.append(self.m)
 
-    def _binary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.scale_params:
-            return self.alpha0, self.mu0
-        return fp16_ste(relative(self.alpha0, self.a)), fp16_ste(self.mu0 + self.alpha0 * self.m)
+    def _spread(self, per_group: torch.Tensor) -> torch.Tensor:
+        return spread(per_group, self.cols, self.meta["group_size"])
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per (row, group): the scale (alpha of 1-bit groups) and zero (mu of 1-bit groups) as stored,
+        the learned ones through their offsets."""
+        scale = self.alpha0 if self.a is None else fp16_ste(relative(self.alpha0, self.a))
+        zero = self.mu0 if self.m is None else torch.where(self.one_bit_groups, fp16_ste(self.mu0 + self.alpha0 * self.m), self.mu0)
+        return scale, zero
 
     def _decode(self):
-        multi, codes, scale, zero = self.grid.quantize()
-        alpha, mu = self._binary()
-        binary = self.grid.spread(mu) + self.grid.spread(alpha) * self.signs
-        weight = torch.where(self.one_bit, binary, multi)
+        scale, zero = self._scales()
+        binary = self._spread(zero) + self._spread(scale) * self.signs
+        if self.grid is None:  # codes kept (or no group of 2..8 bits)
+            multi = self._spread(scale) * (self.codes.float() - self._spread(zero))
+            return torch.where(self.one_bit, binary, multi), self.codes.float(), scale, zero
+        multi, codes, grid_scale, grid_zero = self.grid.quantize()
         one = self.one_bit_groups.unsqueeze(0)
-        return weight, torch.where(self.one_bit, self.codes.float(), codes), torch.where(one, alpha, scale), torch.where(one, mu, zero)
+        weight = torch.where(self.one_bit, binary, multi)
+        return weight, torch.where(self.one_bit, self.codes.float(), codes), torch.where(one, scale, grid_scale), torch.where(one, zero, grid_zero)
 
     def weight(self) -> torch.Tensor:
         return self._decode()[0]
