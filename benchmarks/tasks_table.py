@@ -1,7 +1,10 @@
 """Markdown table of `llmquant eval --tasks --json` outputs: one row per model, acc ± stderr per task,
-the mean acc, items and seconds per task. Usage:
+the mean acc, items and seconds per task. Files of one model (NAME-limitL.json, or one per task,
+NAME-limitL-TASK.json, as benchmarks/measure_tasks.sh writes them) are merged into one row; the
+mean is over the tasks a row has (a dash marks a task it lacks). Usage:
 
     python benchmarks/tasks_table.py runs/tasks/fp16-limit100.json runs/tasks/gptq-w3g128-s8-limit100.json
+    python benchmarks/tasks_table.py runs/tasks/*-limitall-*.json
 """
 
 from __future__ import annotations
@@ -11,9 +14,22 @@ import sys
 from pathlib import Path
 
 
+def model_name(path: Path, report: dict) -> str:
+    """NAME-limitL from NAME-limitL.json or NAME-limitL-TASK.json."""
+    stem = path.stem
+    tasks = [e["task"] for e in report["tasks"]]
+    if len(tasks) == 1 and stem.endswith("-" + tasks[0]):
+        return stem[: -len(tasks[0]) - 1]
+    return stem
+
+
 def main(paths: list[str]) -> None:
-    reports = [(Path(p).stem, json.loads(Path(p).read_text())) for p in paths]
-    tasks = [e["task"] for e in reports[0][1]["tasks"]]
+    merged: dict[str, dict] = {}
+    for p in paths:
+        report = json.loads(Path(p).read_text())
+        merged.setdefault(model_name(Path(p), report), {"tasks": []})["tasks"].extend(report["tasks"])
+    reports = list(merged.items())
+    tasks = list(dict.fromkeys(e["task"] for _, r in reports for e in r["tasks"]))
     print("| model | " + " | ".join(f"{t} acc" for t in tasks) + " | mean acc |")
     print("|---|" + "---:|" * (len(tasks) + 1))
     for name, report in reports:
@@ -29,7 +45,8 @@ def main(paths: list[str]) -> None:
     print("|---|" + "---:|" * len(tasks))
     for name, report in reports:
         by_task = {e["task"]: e for e in report["tasks"]}
-        print(f"| {name} | " + " | ".join(f"{by_task[t]['items']}, {by_task[t]['seconds']:.0f}" for t in tasks if t in by_task) + " |")
+        cells = [f"{by_task[t]['items']}, {by_task[t]['seconds']:.0f}" if t in by_task else "—" for t in tasks]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
