@@ -1,7 +1,7 @@
 """Markdown table of `llmquant eval --tasks --json` outputs: one row per model, acc ± stderr per task,
 the mean acc, items and seconds per task. Files of one model (NAME-limitL.json, or one per task,
-NAME-limitL-TASK.json, as benchmarks/measure_tasks.sh writes them) are merged into one row; the
-mean is over the tasks a row has (a dash marks a task it lacks). Usage:
+NAME-limitL-TASK.json, as benchmarks/measure_tasks.sh writes them) are merged into one row; a dash
+marks a task a row lacks, and its mean (a mean over fewer tasks would not compare). Usage:
 
     python benchmarks/tasks_table.py runs/tasks/fp16-limit100.json runs/tasks/gptq-w3g128-s8-limit100.json
     python benchmarks/tasks_table.py runs/tasks/*-limitall-*.json
@@ -39,7 +39,9 @@ def main(paths: list[str]) -> None:
             score = by_task[t]["scores"]["acc"] if t in by_task else None
             cells.append(f"{100 * score['value']:.1f} ± {100 * (score['stderr'] or 0):.1f}" if score else "—")
         values = [by_task[t]["scores"]["acc"]["value"] for t in tasks if t in by_task]
-        print(f"| {name} | " + " | ".join(cells) + f" | {100 * sum(values) / len(values):.1f} |")
+        # a mean over fewer tasks than the other rows' would not compare with them
+        mean = f"{100 * sum(values) / len(values):.1f}" if len(values) == len(tasks) else "—"
+        print(f"| {name} | " + " | ".join(cells) + f" | {mean} |")
     print()
     print("| model | " + " | ".join(f"{t} items, s" for t in tasks) + " |")
     print("|---|" + "---:|" * len(tasks))
