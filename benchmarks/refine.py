@@ -98,12 +98,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def stored_row(path: Path) -> dict | None:
+    """A row stored by an earlier invocation on this machine (a row from another CPU, e.g. one
+    committed to the repository, is measured again rather than paired with this machine's runs)."""
+    if not path.is_file():
+        return None
+    row = json.loads(path.read_text())
+    return row if row.get("cpu") == cpu_model() else None
+
+
 def base_row(bench, label: str, base: Path, runs: Path) -> dict:
     """The unrefined run, measured here (RUNS/rows/LABEL.json; a checkpoint of the same recipe left
     in RUNS/LABEL, e.g. the QAT start, is evaluated, not remade)."""
     stored = runs / "rows" / f"{label}.json"
-    if stored.is_file():
-        return json.loads(stored.read_text())
+    row = stored_row(stored)
+    if row is not None:
+        return row
     row = bench.run_one(label, ROOT / "recipes" / f"{label}.yaml", [], base, runs, reuse=True)
     row["cpu"] = cpu_model()
     stored.write_text(json.dumps(row, indent=2) + "\n")
@@ -199,8 +209,8 @@ def main() -> None:
         if label != "pbllm-10pct-qat":  # QAT's base is its own start checkpoint (qat_row)
             rows[base_label] = rows.get(base_label) or base_row(bench, base_label, base, runs)
         stored = runs / "rows" / f"{label}.json"
-        if stored.is_file():
-            rows[label] = json.loads(stored.read_text())
+        if (row := stored_row(stored)) is not None:
+            rows[label] = row
             continue
         print(f"== {label}", flush=True)
         if label == "pbllm-10pct-qat":
@@ -214,8 +224,9 @@ def main() -> None:
         stored.write_text(json.dumps(row, indent=2) + "\n")
         rows[label] = row
         print(f"   ppl {row['ppl']:.3f}, KL {row['kl']:.4f}", flush=True)
-    for stored in (runs / "rows").glob("*.json"):  # rows of earlier invocations count too
-        rows.setdefault(stored.stem, json.loads(stored.read_text()))
+    for stored in (runs / "rows").glob("*.json"):  # rows of earlier invocations (on this CPU) count too
+        if (row := stored_row(stored)) is not None:
+            rows.setdefault(stored.stem, row)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     meta = {
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
