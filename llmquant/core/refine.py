@@ -89,6 +89,15 @@ def spread(per_group: torch.Tensor, cols: int, size: int) -> torch.Tensor:
     return wide[..., :cols]
 
 
+def spread_to_columns(per_group: torch.Tensor, col_group: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """[rows, groups] -> [rows, cols]: each column gets its group's value; contiguous groups of
+    `group_size` columns by broadcasting (`spread`), act-order's `col_group` index (group_size None)
+    by indexing."""
+    if group_size is None:
+        return per_group[:, col_group]
+    return spread(per_group, col_group.numel(), group_size)
+
+
 class Learnable(Protocol):
     """One linear's learnable quantizer parameters (a layout's room builds it from a record)."""
 
@@ -328,9 +337,7 @@ class ClippedGrid:
 
     def spread(self, per_group: torch.Tensor) -> torch.Tensor:
         """[r, groups] -> [r, cols]: each column gets its group's value."""
-        if self.group_size is None:
-            return per_group[:, self.col_group]
-        return spread(per_group, self.weight.shape[1], self.group_size)
+        return spread_to_columns(per_group, self.col_group, self.group_size)
 
 
 class _GroupFakeQuant(torch.autograd.Function):

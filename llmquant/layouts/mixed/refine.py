@@ -33,7 +33,7 @@ class MixedLearnable:
         self.signs = self.codes.float() * 2 - 1
         self.alpha0 = tensors["scales"].to(device).float()  # 1-bit groups: alpha; the others: scale
         self.mu0 = tensors["zeros"].to(device).float()  # 1-bit groups: mu; the others: integer zero
-        has_multi = bool((~self.one_bit_groups).any())
+        has_multi, has_one_bit = bool((~self.one_bit_groups).any()), bool(self.one_bit_groups.any())
         self.grid: ClippedGrid | None = None
         self.clip_params: list[torch.Tensor] = []
         self.scale_params: list[torch.Tensor] = []
@@ -43,11 +43,11 @@ class MixedLearnable:
             maxq = (2 ** self.group_bits.long() - 1).float()
             self.grid = ClippedGrid(weight, col_group, groups, maxq, False, config.clip_init, gs)
             self.clip_params = self.grid.params
-        if bool(self.one_bit_groups.any()) or (config.codes == "keep" and has_multi):
+        if has_one_bit or (config.codes == "keep" and has_multi):
             # a: relative offset of every learned scale (1-bit alpha; with `keep`, the others' scale too)
             self.a = torch.zeros(rows, groups, device=device, requires_grad=True)
             self.scale_params.append(self.a)
-        if bool(self.one_bit_groups.any()):
+        if has_one_bit:
             self.m = torch.zeros(rows, groups, device=device, requires_grad=True)
             self.scale_params.append(self.m)
 

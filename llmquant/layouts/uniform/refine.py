@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from llmquant.core.refine import ClippedGrid, RefineConfig, fp16_ste, relative, spread
+from llmquant.core.refine import ClippedGrid, RefineConfig, fp16_ste, relative, spread_to_columns
 from llmquant.layouts.base import FP16
 
 
@@ -28,7 +28,7 @@ class UniformLearnable:
             self.col_group = self.g_idx.to(weight.device).long()
         else:
             self.col_group = torch.arange(cols, device=weight.device) // meta["group_size"]
-        self.cols = cols
+        self.group_size = None if self.g_idx is not None else meta["group_size"]  # None: act-order's g_idx
         self.grid: ClippedGrid | None = None
         self.clip_params: list[torch.Tensor] = []
         self.scale_params: list[torch.Tensor] = []
@@ -40,14 +40,11 @@ class UniformLearnable:
             self.scale_params = [self.a]
         else:
             maxq = torch.full((groups,), float(2 ** meta["bits"] - 1))
-            size = None if self.g_idx is not None else meta["group_size"]
-            self.grid = ClippedGrid(weight, self.col_group, groups, maxq, meta["sym"], config.clip_init, size)
+            self.grid = ClippedGrid(weight, self.col_group, groups, maxq, meta["sym"], config.clip_init, self.group_size)
             self.clip_params = self.grid.params
 
     def _spread(self, per_group: torch.Tensor) -> torch.Tensor:
-        if self.g_idx is not None:
-            return per_group[:, self.col_group]
-        return spread(per_group, self.cols, self.meta["group_size"])
+        return spread_to_columns(per_group, self.col_group, self.group_size)
 
     def _kept(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(dequantized weight, scale) with the codes and zeros kept."""
