@@ -17,6 +17,8 @@
    (uniform 2-bit g128 and the other layouts), plus the resident GPU memory of each.
 
 Every section is guarded: a failure is recorded in the JSON with its message and the script goes on.
+The JSON is rewritten after every measurement; --kernels-budget-s and --budget-s are time guards
+(what would start after them is recorded as skipped), so a run inside a lease always leaves results.
 """
 
 from __future__ import annotations
@@ -160,9 +162,15 @@ def kernel_section(args, device, results):
     timer = Timer(device, args.warmup, args.runs)
     shapes = [(96, 160), (200, 128)] if args.smoke else SHAPES_7B + ([] if args.no_70b else SHAPES_70B)
     tokens_list = [1, 16] if args.smoke else TOKENS
-    for label, layout, kw in SETTINGS:
-        for rows, cols in shapes:
+    # Shapes outside, settings inside: if the time guard stops the section, every layout has the
+    # shapes measured so far.
+    for rows, cols in shapes:
+        for label, layout, kw in SETTINGS:
             entry = {"setting": label, "layout": layout, "shape": [rows, cols]}
+            if args.elapsed() > args.kernels_budget_s:
+                entry["skipped"] = f"time guard: {args.kernels_budget_s:.0f} s spent"
+                results["kernels"].append(entry)
+                continue
             try:
                 module = packed_module(layout, rows, cols, device, **kw)
                 weight = module.dequantize().to(device, torch.float16)
@@ -198,6 +206,7 @@ def kernel_section(args, device, results):
                 entry["traceback"] = traceback.format_exc(limit=6)
                 print(f"{label} {rows}x{cols}: FAILED {entry['error']}", flush=True)
             results["kernels"].append(entry)
+            args.save(results)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -265,6 +274,9 @@ def end_to_end_section(args, device, results):
         module.weight = None  # the fp16 copies go, so each memory figure below is the packed model's
     del linears
     for label, layout, kw in SETTINGS:
+        if args.elapsed() > args.budget_s:
+            runs[label] = {"skipped": f"time guard: {args.budget_s:.0f} s spent"}
+            continue
         try:
             for index, (name, (rows, cols)) in enumerate(shapes.items()):
                 parent, _, child = name.rpartition(".")
@@ -276,6 +288,8 @@ def end_to_end_section(args, device, results):
         except Exception as error:  # noqa: BLE001
             runs[label] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=8)}
             print(f"e2e {label}: FAILED {runs[label]['error']}", flush=True)
+        results["end_to_end"] = {"partial": True, "runs": runs}
+        args.save(results)
     if "fp16" in runs and "tokens_per_second" in runs["fp16"]:
         for label, entry in runs.items():
             if label != "fp16" and "tokens_per_second" in entry:
@@ -292,6 +306,10 @@ def main() -> None:
     parser.add_argument("--no-70b", action="store_true", help="skip the 70B shapes")
     parser.add_argument("--configs", action="store_true", help="also time alternative tile configurations at <= 16 tokens")
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--kernels-budget-s", type=float, default=float("inf"),
+                        help="start no new kernel measurement after this many seconds (a time guard for a lease)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no new end-to-end setting after this many seconds")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes: checks the script")
     args = parser.parse_args()
     if args.smoke:
@@ -314,6 +332,12 @@ def main() -> None:
     except ImportError:
         pass
     started = time.perf_counter()
+    args.elapsed = lambda: time.perf_counter() - started
+
+    def save(partial: dict) -> None:  # after every entry: a run stopped by its lease keeps what it measured
+        args.output.write_text(json.dumps({**partial, "seconds": args.elapsed()}, indent=1))
+
+    args.save = save
     kernel_section(args, device, results)
     if not args.skip_e2e:
         try:

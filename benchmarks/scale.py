@@ -28,6 +28,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,12 +128,15 @@ def main() -> None:
     parser.add_argument("--parts", default="7b,70b")
     parser.add_argument("--nsamples", type=int, default=None, help="default 128 (smoke: 4)")
     parser.add_argument("--seqlen", type=int, default=None, help="default 2048 (smoke: 64)")
+    parser.add_argument("--slice-layers", type=int, default=None, help="decoder layers of the 7B slice (default 4)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="start nothing new after this many seconds")
     parser.add_argument("--json", type=Path, default=None, help="default: docs/results-scale.json key 'gpu' (smoke: stdout only)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    shapes = SMOKE_PARTS if args.smoke else PARTS
+    shapes = {part: dict(shape) for part, shape in (SMOKE_PARTS if args.smoke else PARTS).items()}
+    if args.slice_layers:
+        shapes["7b"]["layers"] = args.slice_layers
     nsamples = args.nsamples or (4 if args.smoke else 128)
     seqlen = args.seqlen or (64 if args.smoke else 2048)
     from llmquant.provenance import device_name, versions
@@ -158,6 +162,11 @@ def main() -> None:
             except torch.OutOfMemoryError as error:  # type: ignore[attr-defined]
                 result = {"method": name, "part": part, "error": f"out of memory: {' '.join(str(error).split())[:200]}"}
                 torch.cuda.empty_cache()
+            except Exception as error:  # noqa: BLE001 - recorded; the other methods still run in the lease
+                result = {"method": name, "part": part, "error": f"{type(error).__name__}: {error}"[:300],
+                          "traceback": traceback.format_exc(limit=8)[-3000:]}  # fmt: skip
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             results["runs"].append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "settings"}), flush=True)
             if target is not None:
