@@ -14,6 +14,13 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-runs/gpu}
 PY=${PY:-python3}
 TOTAL=${TOTAL:-570}  # seconds for the whole session, guards included
+# The device image lacks pydantic (llmquant's recipes need it; scale.py stopped on it on 2026-12-04).
+# Before the call, here: echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps
+#   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_17_x86_64
+#   -d .whl pydantic pydantic-core annotated-types typing-inspection   and carry ".whl".
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
 mkdir -p "$OUT"
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
@@ -33,7 +40,11 @@ timeout $(( left > 60 ? left - 30 : 30 )) "$PY" benchmarks/kernel_check.py $smok
 check=$!
 scale_args=(--json "$OUT/scale.json" --slice-layers 3 --budget-s $(( left > 150 ? left - 100 : 30 )))
 [ -n "$smoke" ] && scale_args+=(--smoke)
-timeout "$left" "$PY" benchmarks/scale.py "${scale_args[@]}" 2>&1 | tee "$OUT/scale.log" | cut -c1-400
+if "$PY" -c "import pydantic" 2>/dev/null; then
+  timeout "$left" "$PY" benchmarks/scale.py "${scale_args[@]}" 2>&1 | tee "$OUT/scale.log" | cut -c1-400
+else
+  echo "scale.py skipped: pydantic is missing (carry its wheels: see the top of this script)" | tee "$OUT/scale.log"
+fi
 wait "$check"
 tail -25 "$OUT/check.log"
 echo "gpu session done at $(elapsed) s"

@@ -78,7 +78,7 @@ def check_case(args: tuple[str, bool]) -> dict:
                     result["runs"] += 1
                     result["worst_error_over_bound"] = max(result["worst_error_over_bound"], ratio)
                     if not ratio <= 1.0:
-                        result["failed"].append({"run": label, "config": list(launch_config(tokens, rows, cols, device)),
+                        result["failed"].append({"run": label, "config": list(launch_config(tokens, rows, cols, device, kernel.tiles)),
                                                  "error_over_bound": ratio, "max_error": float(error.max())})  # fmt: skip
                 except Exception as error:  # noqa: BLE001 - recorded, the check goes on
                     result["runs"] += 1
@@ -95,12 +95,16 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     cases = CASES[:2] if args.smoke else CASES
+    results = []
     with multiprocessing.get_context("spawn").Pool(min(args.processes, len(cases))) as pool:
-        results = pool.map(check_case, [(case, args.smoke) for case in cases])
-    runs = sum(r["runs"] for r in results)
-    failed = sum(len(r["failed"]) for r in results)
-    summary = {"runs": runs, "failed": failed, "seconds": time.perf_counter() - started, "smoke": args.smoke, "cases": results}
-    args.output.write_text(json.dumps(summary, indent=1))
+        for result in pool.imap_unordered(check_case, [(case, args.smoke) for case in cases]):
+            results.append(result)  # written after every case: a run stopped by its lease keeps them
+            runs = sum(r["runs"] for r in results)
+            failed = sum(len(r["failed"]) for r in results)
+            summary = {"runs": runs, "failed": failed, "seconds": time.perf_counter() - started, "smoke": args.smoke,
+                       "cases_done": len(results), "cases": sorted(results, key=lambda r: cases.index(r["case"]))}  # fmt: skip
+            args.output.write_text(json.dumps(summary, indent=1))
+    results = summary["cases"]
     for r in results:
         print(f"{r['case']:30s} runs {r['runs']:3d} failed {len(r['failed']):3d} worst error/bound {r['worst_error_over_bound']:.3g}")
     print(f"kernel check: {runs - failed}/{runs} within the bound, {summary['seconds']:.0f} s")

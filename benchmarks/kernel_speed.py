@@ -189,7 +189,7 @@ def kernel_section(args, device, results):
                     fp16_ms = timer(lambda: F.linear(x, weight))
                     row = {
                         "tokens": tokens,
-                        "config": list(launch_config(tokens, rows, cols, device)),
+                        "config": list(launch_config(tokens, rows, cols, device, kernel.tiles)),
                         "packed_ms": packed_ms,
                         "fp16_ms": fp16_ms,
                         "speedup_vs_fp16": fp16_ms / packed_ms,
@@ -219,7 +219,7 @@ def alternatives(x, kernel, timer) -> list[dict]:
         for block_k in (64, 128, 256):
             for split in (1, 2, 4, 8):
                 for warps in (4, 8):
-                    config = (16, block_n, block_k, split, warps, 3)
+                    config = (16, block_n, block_k, split, warps, 1)
                     try:
                         out.append({"config": list(config), "ms": timer(lambda: packed_matmul(x, kernel, None, config))})
                     except Exception as error:  # noqa: BLE001

@@ -91,13 +91,15 @@ def test_kernel_matches_the_reference(case, shape, tokens, dtype):
     [("uniform-3bit", 1), ("uniform-4bit-g_idx", 64), ("mixed-1to4", 1), ("partial_binary-8bit-0.02", 1), ("binary_residual", 7)],
 )
 def test_kernel_at_model_scale_with_its_own_launch_configuration(case, tokens):
-    """576 x 1536 (SmolLM2's MLP): many row blocks; the decode shape splits K across programs."""
+    """576 x 1536 (SmolLM2's MLP) with the layout's own tiles and the split an H100/H200 (132 SMs)
+    would choose: many row blocks, and at decode K split across programs."""
     module, weight = module_of(case, 576, 1536)
-    config = launch_config(tokens, 576, 1536, torch.device("cpu"))
+    kernel = prepared(module)
+    config = launch_config(tokens, 576, 1536, torch.device("cpu"), kernel.tiles, sms=132)
     if tokens <= 16:
         assert config[3] > 1  # the split-K path is what runs
     x = torch.randn(tokens, 1536, generator=torch.Generator().manual_seed(1)).half()
-    check(packed_matmul(x, prepared(module), None), x, weight)
+    check(packed_matmul(x, kernel, None, config), x, weight)
 
 
 def test_backend_through_the_module_with_bias_and_leading_dimensions():

@@ -11,7 +11,9 @@ Two launch shapes of the same kernel:
 - decode (M <= 16 tokens, a GEMV in all but name): 16-row activation tiles, K split across programs
   (SPLIT_K partial sums in a float32 workspace, added in a fixed order: deterministic, no atomics),
   so that a 4096-row matrix still spreads over every SM;
-- prefill (more tokens): 64/128-row tiles, no split; the dequantized tile stays in registers.
+- prefill (more tokens): 64-row tiles, no split; the dequantized tile stays in registers.
+Each layout gives its tile shapes (KernelWeights.tiles, in layouts/<layout>/kernels.py): its
+dequantization decides how many weights a thread can hold in registers.
 
 Bit streams (codes, signs, flags, zero points) are read where they are stored: every stream of a
 QuantizedLinear lives in one uint8 blob, 16-byte aligned, which the kernel reads as 32-bit words
@@ -33,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmquant.layouts.kernel_weights import KernelWeights
+from llmquant.layouts.kernel_weights import KernelWeights, Tiles
 
 
 @triton.jit
@@ -110,23 +112,31 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launch_config(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [m, k] x [k, n] product.
+def launch_config(
+    m: int, n: int, k: int, device: torch.device, tiles: Tiles | None = None, sms: int | None = None
+) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for an [m, k] x [k, n] product
+    with the layout's `tiles` (KernelWeights.tiles; the default Tiles without one).
 
     Fixed rules rather than autotuning (autotuning would make the first forward of every shape
     slow and the choice machine-dependent): decode splits K until there are about four programs
-    per SM; prefill uses large tiles. benchmarks/kernels.py measures alternatives on a GPU."""
+    per SM (`sms`: the device's multiprocessors, 8 off a GPU); prefill takes the layout's tile.
+    One stage, no software pipelining: the dequantization's loads are gathers (each lane its own
+    word), which Triton's pipeliner turns into per-element asynchronous copies staged in shared
+    memory: 3 stages needed 287-418 KB of it for uniform and partial_binary (H200: 227 KB; the
+    kernels failed to launch there) and spilled 5-8 KB per thread for the others."""
+    tiles = tiles or Tiles()
     if m <= 16:
-        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 3
+        block_n, block_k, warps = tiles.decode
         programs = -(-n // block_n)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+        if sms is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
         split = 1
         while programs * split < 4 * sms and k // (split * 2) >= 4 * block_k:
             split *= 2
-        return block_m, block_n, block_k, split, warps, stages
-    if m <= 64:
-        return 64, 128, 64, 1, 4, 3
-    return 128, 128, 64, 1, 8, 3
+        return 16, block_n, block_k, split, warps, 1
+    block_m, block_n, block_k, warps = tiles.prefill
+    return block_m, block_n, block_k, 1, warps, 1
 
 
 def packed_matmul(
@@ -139,7 +149,7 @@ def packed_matmul(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    block_m, block_n, block_k, split, warps, stages = config or launch_config(m, n, k, x.device)
+    block_m, block_n, block_k, split, warps, stages = config or launch_config(m, n, k, x.device, prepared.tiles)
     if prepared.block_k is not None:
         block_k = prepared.block_k
     k_per_split = -(-k // (split * block_k)) * block_k

@@ -13,6 +13,23 @@ from dataclasses import dataclass, field
 import torch
 
 
+@dataclass(frozen=True)
+class Tiles:
+    """A layout's tile shapes for the fused Triton kernel (llmquant/layouts/kernel_base.py):
+    decode (at most 16 tokens; BLOCK_M is 16) as (BLOCK_N, BLOCK_K, num_warps), prefill as
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
+
+    Each layout picks its own, because the cost is the dequantization: every weight of the tile is
+    computed in registers from bit offsets, table lookups and its group's scale, and a layout's
+    heavier dequant needs a smaller tile per thread. The shapes are the largest with which ptxas keeps
+    everything in registers at sm_90 (no spill stack; tests/test_kernel_resources.py compiles each
+    layout for that target on a CPU and checks). On an H200 (2026-12-04) the earlier shared 64x128
+    tiles spilled 5-8 KB per thread, or did not fit in shared memory at all (docs/kernels.md)."""
+
+    decode: tuple[int, int, int] = (32, 128, 8)
+    prefill: tuple[int, int, int, int] = (64, 64, 32, 4)
+
+
 @dataclass
 class KernelWeights:
     layout: str
@@ -22,6 +39,7 @@ class KernelWeights:
     cols: int
     extra: list[torch.Tensor] = field(default_factory=list)  # tensors made for the kernels (index tables)
     block_k: int | None = None  # a K tile the layout's GPU dequant relies on (partial_binary: its chunk)
+    tiles: Tiles = field(default_factory=Tiles)  # the layout's tile shapes (launch_config)
 
     def extra_tensors(self) -> list[torch.Tensor]:
         return self.extra

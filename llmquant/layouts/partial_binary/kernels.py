@@ -20,10 +20,15 @@ import torch
 
 from llmquant.layouts import bitpack
 from llmquant.layouts.base import Reader
-from llmquant.layouts.kernel_weights import KernelWeights
+from llmquant.layouts.kernel_weights import KernelWeights, Tiles
 from llmquant.layouts.partial_binary.layout import mask_from_csr
 
 CHUNK = 128  # columns per salient-count entry; the kernel's K tile for this layout
+
+# Tile shapes for the fused kernel: K tiles are the 128-column chunks, so the row tile is what
+# shrinks: 16 rows, and 8 warps at prefill (164-168 registers at sm_90, no spills; 32 rows, or 4
+# warps at prefill, spilled).
+TILES = Tiles(decode=(16, 128, 4), prefill=(64, 16, 128, 8))
 
 
 def to_bitmap(module) -> None:
@@ -74,5 +79,5 @@ def prepare(module) -> KernelWeights:
     )
     return KernelWeights(
         "partial_binary", weights, meta["high_bit"], module.out_features, module.in_features,
-        extra=[row_start, chunk_counts], block_k=CHUNK,
+        extra=[row_start, chunk_counts], block_k=CHUNK, tiles=TILES,
     )  # fmt: skip
