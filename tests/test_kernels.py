@@ -161,3 +161,36 @@ def test_a_packed_model_runs_end_to_end_through_the_kernels(tmp_path):
     reference = loaded(ids).logits
     assert set_backend(loaded, "triton") == len(records)
     torch.testing.assert_close(loaded(ids).logits, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_with_one_warning(monkeypatch, caplog):
+    """What the first H200 run hit (uniform's tiles needed more shared memory than the GPU has):
+    now the linear goes on through the packed reference backend, with a warning naming the cause."""
+    from triton.runtime.errors import OutOfResources
+
+    import llmquant.layouts.kernel_base as kernel_base
+
+    module, weight = module_of("uniform-3bit", 33, 100)
+    set_backend(module, "triton")
+
+    def refuse(*args, **kwargs):
+        raise OutOfResources(286720, 232448, "shared memory")
+
+    monkeypatch.setattr(kernel_base, "packed_matmul", refuse)
+    x = torch.randn(3, 100).half()
+    with caplog.at_level("WARNING"):
+        y = module(x)
+    assert module.backend == "torch"
+    assert any("cannot run on this GPU" in r.message and "shared memory" in r.message for r in caplog.records)
+    check(y, x, weight)
+
+
+def test_other_kernel_errors_are_not_swallowed(monkeypatch):
+    import llmquant.layouts.kernel_base as kernel_base
+
+    module, _ = module_of("uniform-3bit", 33, 100)
+    set_backend(module, "triton")
+    monkeypatch.setattr(kernel_base, "packed_matmul", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        module(torch.randn(3, 100).half())
+    assert module.backend == "triton"

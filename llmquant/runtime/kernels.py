@@ -45,4 +45,29 @@ def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
             raise UserError(f"backend triton: {problem}")
     from llmquant.layouts.kernel_base import packed_matmul
 
-    return packed_matmul(x, prepared(module), module.bias)
+    try:
+        return packed_matmul(x, prepared(module), module.bias)
+    except Exception as error:
+        if not _cannot_launch_here(error):
+            raise
+        # A GPU the tiles were not sized for (docs/kernels.md): this linear goes on at packed memory
+        # through the reference backend rather than stopping the run; said once per cause.
+        from llmquant.runtime.qlinear import _warn_once
+
+        reason = " ".join(str(error).split())[:160]
+        _warn_once(f"the triton kernel of layout {module.layout} cannot run on this GPU ({type(error).__name__}: {reason}); "
+                   "those linears fall back to the pure-PyTorch backend (packed memory, slow)")  # fmt: skip
+        module.backend = "torch"
+        module.release_caches()
+        return module(x)
+
+
+def _cannot_launch_here(error: Exception) -> bool:
+    """Triton's refusals of a kernel for this device (too much shared memory or registers, a
+    compilation the target does not support), as opposed to a wrong input or a bug."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+    except ImportError:
+        return False
+    return isinstance(error, (OutOfResources, CompilationError))
