@@ -262,6 +262,9 @@ def end_to_end_section(args, device, results):
         if device.type == "cuda":
             entry["allocated_bytes"] = int(torch.cuda.memory_allocated())
             entry["peak_bytes"] = int(torch.cuda.max_memory_allocated())
+        # A kernel the GPU refuses falls back to the torch backend (runtime/kernels.py): then these
+        # are not the kernel's figures, and the entry says so.
+        entry["linears_not_on_triton"] = sum(1 for m in model.modules() if getattr(m, "backend", "triton") != "triton")
         runs[label] = entry
         print(f"e2e {label}: {entry['tokens_per_second']:.1f} tok/s", flush=True)
 

@@ -396,6 +396,11 @@ def prepare(spec: str, settings: BenchSettings, device: torch.device, on_step: C
         on_step(f"{Path(source.describe()).name}: warm-up {run + 1}/{settings.warmup}")
         _warm_up(slot, model, WARMUP_DECODE_STEPS, settings, device)
 
+    from llmquant.runtime.qlinear import QuantizedLinear
+
+    # Linears whose kernel the device refused during the warm-up run on the reference backend
+    # instead (runtime/kernels.py); their speed is not the chosen backend's.
+    fell_back = sum(1 for m in model.modules() if isinstance(m, QuantizedLinear) and m.backend != settings.backend)
     peak = peak_rss() if scoped else None
     memory = {
         "rss_before_load_bytes": rss_before,
@@ -422,6 +427,7 @@ def prepare(spec: str, settings: BenchSettings, device: torch.device, on_step: C
         **checkpoint_info(source),
         "packed_linears": packed_linears,
         "backend": settings.backend if packed_linears else None,
+        "backend_fallbacks": fell_back,
         "load_seconds": load_seconds,
         "memory": memory,
     }
@@ -655,6 +661,9 @@ def format_report(report: dict[str, Any]) -> list[str]:
         from llmquant.runtime.qlinear import BACKEND_MEMORY
 
         lines.append(f"packed linears run with backend {s['backend']} ({BACKEND_MEMORY.get(s['backend'], 'registered backend')})")
+        for m in report["models"]:
+            if m.get("backend_fallbacks"):
+                lines.append(f"{m['name']}: {m['backend_fallbacks']} linears fell back to the torch backend (their kernel cannot run here)")
     if s.get("static_cache") or s.get("cuda_graphs"):
         lines.append("decode: static KV cache, greedy loop" + (", one-token step replayed as a CUDA graph" if s.get("cuda_graphs") else ""))
     base = report["baseline"]

@@ -123,8 +123,9 @@ def launch_config(
     per SM (`sms`: the device's multiprocessors, 8 off a GPU); prefill takes the layout's tile.
     One stage, no software pipelining: the dequantization's loads are gathers (each lane its own
     word), which Triton's pipeliner turns into per-element asynchronous copies staged in shared
-    memory: 3 stages needed 287-418 KB of it for uniform and partial_binary (H200: 227 KB; the
-    kernels failed to launch there) and spilled 5-8 KB per thread for the others."""
+    memory: 3 stages needed 287-918 KB of it for uniform and partial_binary (H200: 227 KB; the
+    kernels failed to launch there), and the larger tiles spilled up to 15 KB per thread
+    (docs/results-kernels.md)."""
     tiles = tiles or Tiles()
     if m <= 16:
         block_n, block_k, warps = tiles.decode

@@ -23,8 +23,8 @@ class Tiles:
     computed in registers from bit offsets, table lookups and its group's scale, and a layout's
     heavier dequant needs a smaller tile per thread. The shapes are the largest with which ptxas keeps
     everything in registers at sm_90 (no spill stack; tests/test_kernel_resources.py compiles each
-    layout for that target on a CPU and checks). On an H200 (2026-12-04) the earlier shared 64x128
-    tiles spilled 5-8 KB per thread, or did not fit in shared memory at all (docs/kernels.md)."""
+    layout for that target on a CPU and checks). The earlier tiles, shared by all layouts, spilled
+    up to 15 KB per thread or did not fit in shared memory at all (H200, docs/results-kernels.md)."""
 
     decode: tuple[int, int, int] = (32, 128, 8)
     prefill: tuple[int, int, int, int] = (64, 64, 32, 4)
