@@ -58,6 +58,16 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
             hf_logging.set_verbosity_error()
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str, logger: str = "llmquant") -> None:
+    """A warning printed once per process per message (a fallback hit by every linear says it once)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logging.getLogger(logger).warning(message)
+
+
 def error_line(message: object) -> None:
     """The one line every failure ends in: `error: MESSAGE` on stderr, MESSAGE taken literally."""
     stderr.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)

@@ -15,6 +15,7 @@ import os
 import torch
 
 from llmquant.errors import UserError
+from llmquant.ui import warn_once
 
 
 def triton_available() -> str | None:
@@ -52,11 +53,9 @@ def packed_linear(module, x: torch.Tensor) -> torch.Tensor:
             raise
         # A GPU the tiles were not sized for (docs/kernels.md): this linear goes on at packed memory
         # through the reference backend rather than stopping the run; said once per cause.
-        from llmquant.runtime.qlinear import _warn_once
-
         reason = " ".join(str(error).split())[:160]
-        _warn_once(f"the triton kernel of layout {module.layout} cannot run on this GPU ({type(error).__name__}: {reason}); "
-                   "those linears fall back to the pure-PyTorch backend (packed memory, slow)")  # fmt: skip
+        warn_once(f"the triton kernel of layout {module.layout} cannot run on this GPU ({type(error).__name__}: {reason}); "
+                  "those linears fall back to the pure-PyTorch backend (packed memory, slow)", __name__)  # fmt: skip
         module.backend = "torch"
         module.release_caches()
         return module(x)

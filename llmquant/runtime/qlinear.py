@@ -125,19 +125,10 @@ def resolve_backend(name: str, device: torch.device, dense_on_cpu: bool = False)
     problem = cpu_available()
     if problem is None:
         return "cpu"
-    _warn_once(f"{problem}; packed linears fall back to the pure-PyTorch backend (slow)")
+    from llmquant.ui import warn_once
+
+    warn_once(f"{problem}; packed linears fall back to the pure-PyTorch backend (slow)", __name__)
     return "torch"
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    import logging
-
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logging.getLogger(__name__).warning(message)
 
 
 def _check_backend(name: str) -> None:
