@@ -102,6 +102,21 @@ def test_kernel_at_model_scale_with_its_own_launch_configuration(case, tokens):
     check(packed_matmul(x, kernel, None, config), x, weight)
 
 
+@pytest.mark.parametrize("tokens", [1, 20])
+@pytest.mark.parametrize(
+    "case", ["uniform-3bit", "uniform-4bit-g_idx", "mixed-1to4", "partial_binary-3bit-0.02", "binary_residual-none-salient"]
+)
+def test_each_layouts_own_tiles_on_edges(case, tokens):
+    """The tiles a GPU launches (each layout's TILES: 16-32 rows, K tiles of 32 at prefill) on widths
+    that leave partial tiles in every direction; the other tests use large interpreter tiles."""
+    module, weight = module_of(case, 33, 200)
+    kernel = prepared(module)
+    config = launch_config(tokens, 33, 200, torch.device("cpu"), kernel.tiles, sms=132)
+    assert config[-1] == 1
+    x = torch.randn(tokens, 200, generator=torch.Generator().manual_seed(tokens)).half()
+    check(packed_matmul(x, kernel, None, config), x, weight)
+
+
 def test_backend_through_the_module_with_bias_and_leading_dimensions():
     module, weight = module_of("mixed-1to4", 40, 96)
     bias = torch.randn(40).half()
