@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every owed GPU figure in one ~9.5-minute call (a lease gives 15 minutes of device time, start included):
 #   1. benchmarks/kernel_speed.py  fused kernels vs cuBLAS fp16 at LLaMA-2-7B/70B shapes, then a
-#      LLaMA-7B-shaped model decoding end to end (CUDA graphs) fp16 vs packed   -> kernels.json
+#      LLaMA-7B-shaped model decoding end to end (CUDA graphs) fp16 vs packed, then decode tile
+#      alternatives per layout (data for tuning each layout's TILES)          -> kernels.json
 #   2. benchmarks/scale.py         s/layer of gptq, pbllm, billm, slim at 7B/70B shapes -> scale.json
 #      with benchmarks/kernel_check.py beside it (compiled kernels vs the reference on every
 #      test case; its GPU work is microseconds, its compiles use spare CPU cores)       -> check.json
@@ -30,8 +31,8 @@ smoke=${SMOKE:+--smoke}
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'python', platform.python_version())
 print('device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"; } 2>&1 | tee "$OUT/env.txt"
 
-timeout 300 "$PY" benchmarks/kernel_speed.py $smoke --output "$OUT/kernels.json" --runs 30 --warmup 5 \
-  --kernels-budget-s 150 --budget-s 240 2>&1 | tee "$OUT/kernels.log"
+timeout 330 "$PY" benchmarks/kernel_speed.py $smoke --output "$OUT/kernels.json" --runs 30 --warmup 5 \
+  --kernels-budget-s 120 --budget-s 220 --tiles --tiles-budget-s 290 2>&1 | tee "$OUT/kernels.log"
 echo "kernel_speed done at $(elapsed) s"
 
 left=$(( TOTAL - $(elapsed) ))

@@ -10,7 +10,7 @@
    `F.linear` with the fp16 weight (cuBLAS), CUDA events, warm-up, median of --runs runs, and the
    speed ratio fp16 / packed. Each packed result is checked against the decoded weight first.
    The packed tensors are random but valid records of each layout (speed does not depend on the
-   values); `--configs` also times alternative tile configurations at 1 and 16 tokens.
+   values); `--tiles` then times decode tile alternatives per layout (tiles_section).
 2. End to end: a LLaMA-7B-shaped model with random weights, greedy decoding of --new-tokens tokens
    at batch 1 with a static KV cache and every step replayed as a CUDA graph (bench's own loop,
    `llmquant.bench.static_decode`), fp16 against the same model with every decoder linear packed
@@ -195,8 +195,6 @@ def kernel_section(args, device, results):
                         "speedup_vs_fp16": fp16_ms / packed_ms,
                         "max_error_over_magnitude": err / max(scale, 1e-12),
                     }
-                    if args.configs and tokens <= 16:
-                        row["alternatives"] = alternatives(x, kernel, timer)
                     entry.setdefault("runs", []).append(row)
                     print(f"{label:18s} {rows:>5}x{cols:<5} {tokens:>3} tok: packed {packed_ms:.4f} ms, fp16 {fp16_ms:.4f} ms, "
                           f"x{fp16_ms / packed_ms:.2f}", flush=True)
@@ -211,20 +209,43 @@ def kernel_section(args, device, results):
                 torch.cuda.empty_cache()
 
 
-def alternatives(x, kernel, timer) -> list[dict]:
-    from llmquant.layouts.kernel_base import packed_matmul
+def tiles_section(args, device, results):
+    """Decode tile alternatives per layout at one token on 4096x4096 (11008x4096 too unless the guard
+    stops it): BLOCK_N x BLOCK_K x num_warps around the layouts' TILES, split-K by launch_config's rule,
+    one stage. Data for tuning `TILES` (llmquant/layouts/<layout>/kernels.py) on the hardware."""
+    import torch
 
-    out = []
-    for block_n in (32, 64, 128):
-        for block_k in (64, 128, 256):
-            for split in (1, 2, 4, 8):
-                for warps in (4, 8):
-                    config = (16, block_n, block_k, split, warps, 1)
-                    try:
-                        out.append({"config": list(config), "ms": timer(lambda: packed_matmul(x, kernel, None, config))})
-                    except Exception as error:  # noqa: BLE001
-                        out.append({"config": list(config), "error": f"{type(error).__name__}: {error}"[:200]})
-    return sorted(out, key=lambda r: r.get("ms", float("inf")))[:5]
+    from llmquant.layouts.kernel_base import launch_config, packed_matmul
+    from llmquant.runtime.kernels import prepared
+
+    timer = Timer(device, args.warmup, args.runs)
+    shapes = [(96, 160)] if args.smoke else [(4096, 4096), (11008, 4096)]
+    found = results.setdefault("tiles", [])
+    for rows, cols in shapes:
+        for label, layout, kw in SETTINGS:
+            if args.elapsed() > args.tiles_budget_s:
+                found.append({"setting": label, "shape": [rows, cols], "skipped": f"time guard: {args.tiles_budget_s:.0f} s spent"})
+                continue
+            module = packed_module(layout, rows, cols, device, **kw)
+            kernel = prepared(module)
+            x = torch.randn(1, cols, device=device, dtype=torch.float16)
+            timings = []
+            for block_n in (16, 32, 64):
+                for block_k in (64, 128):
+                    for warps in (4, 8):
+                        split = launch_config(1, rows, cols, device, type(kernel.tiles)(decode=(block_n, block_k, warps)))[3]
+                        config = (16, block_n, block_k, split, warps, 1)
+                        try:
+                            timings.append({"config": list(config), "ms": timer(lambda: packed_matmul(x, kernel, None, config))})
+                        except Exception as error:  # noqa: BLE001 - a refused tile is data too
+                            timings.append({"config": list(config), "error": f"{type(error).__name__}: {error}"[:200]})
+            shipped = list(launch_config(1, rows, cols, device, kernel.tiles))
+            found.append({"setting": label, "shape": [rows, cols], "shipped": shipped,
+                          "timings": sorted(timings, key=lambda r: r.get("ms", float("inf")))})  # fmt: skip
+            best = found[-1]["timings"][0]
+            print(f"tiles {label:18s} {rows}x{cols}: best {best.get('config')} {best.get('ms', float('nan')):.4f} ms (shipped {shipped})", flush=True)
+            args.save(results)
+            del module, kernel
 
 
 def end_to_end_section(args, device, results):
@@ -307,7 +328,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-70b", action="store_true", help="skip the 70B shapes")
-    parser.add_argument("--configs", action="store_true", help="also time alternative tile configurations at <= 16 tokens")
+    parser.add_argument("--tiles", action="store_true", help="also time decode tile alternatives per layout (after the end-to-end run)")
+    parser.add_argument("--tiles-budget-s", type=float, default=float("inf"), help="start no new tile sweep after this many seconds")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--kernels-budget-s", type=float, default=float("inf"),
                         help="start no new kernel measurement after this many seconds (a time guard for a lease)")
@@ -347,6 +369,11 @@ def main() -> None:
             end_to_end_section(args, device, results)
         except Exception as error:  # noqa: BLE001
             results["end_to_end"] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=8)}
+    if args.tiles:
+        try:
+            tiles_section(args, device, results)
+        except Exception as error:  # noqa: BLE001
+            results["tiles_error"] = f"{type(error).__name__}: {error}"
     results["seconds"] = time.perf_counter() - started
     args.output.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.output} in {results['seconds']:.0f} s", flush=True)
