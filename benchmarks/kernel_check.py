@@ -27,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # layout_cases: the records the kernel tests use
 
-CASES = [
-    "uniform-2bit", "uniform-3bit", "uniform-4bit", "uniform-8bit", "uniform-3bit-sym", "uniform-4bit-g_idx",
-    "mixed-1to4", "mixed-1bit-only", "mixed-3bit-only", "mixed-2and8",
-    "partial_binary-8bit-0.02", "partial_binary-8bit-0.3", "partial_binary-3bit-0.02", "partial_binary-5bit-0.3",
-    "binary_residual", "binary_residual-none-salient", "binary_residual-all-salient",
-]  # fmt: skip
 SMALL = [(1, 7), (33, 100), (130, 257)]
 LARGE = [(576, 1536), (1024, 4096)]
 TOKENS = [1, 7, 16, 17, 64, 200]
@@ -44,12 +38,9 @@ def check_case(args: tuple[str, bool]) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     import torch.nn.functional as F
-    from layout_cases import build
+    from layout_cases import packed_module
 
-    from llmquant.formats import packers
-    from llmquant.layouts import decode
     from llmquant.layouts.kernel_base import launch_config, packed_matmul
-    from llmquant.runtime import QuantizedLinear
     from llmquant.runtime.kernels import prepared
 
     device = torch.device("cpu" if smoke else "cuda")
@@ -58,9 +49,8 @@ def check_case(args: tuple[str, bool]) -> dict:
     shapes = SMALL[:2] if smoke else SMALL + LARGE
     tokens_list = [1, 17] if smoke else TOKENS
     for rows, cols in shapes:
-        layout, tensors, meta, _, _ = build(case, rows, cols, seed=rows)
-        module = QuantizedLinear(packers.pack(layout, tensors, meta), bias=None).to(device)
-        weight = decode(layout, tensors, meta).to(device)
+        module, weight = packed_module(case, rows, cols, seed=rows)
+        module, weight = module.to(device), weight.to(device)
         kernel = prepared(module)
         dtypes = [torch.float16, torch.bfloat16] + ([torch.float32] if (rows, cols) in SMALL else [])
         for tokens in tokens_list:
@@ -94,7 +84,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
-    cases = CASES[:2] if args.smoke else CASES
+    from layout_cases import KERNEL_CASES
+
+    cases = KERNEL_CASES[:2] if args.smoke else KERNEL_CASES
     results = []
     with multiprocessing.get_context("spawn").Pool(min(args.processes, len(cases))) as pool:
         for result in pool.imap_unordered(check_case, [(case, args.smoke) for case in cases]):

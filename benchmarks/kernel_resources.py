@@ -22,11 +22,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # layout_cases: the records the kernel tests use
 
 import torch  # noqa: E402
-from layout_cases import build  # noqa: E402
+from layout_cases import packed_module  # noqa: E402
 
-from llmquant.formats import packers  # noqa: E402
 from llmquant.layouts.kernel_resources import SM90_SHARED_LIMIT, compile_for_target  # noqa: E402
-from llmquant.runtime import QuantizedLinear  # noqa: E402
 from llmquant.runtime.kernels import prepared  # noqa: E402
 
 CASES = {"uniform": "uniform-3bit", "mixed": "mixed-1to4", "partial_binary": "partial_binary-8bit-0.02", "binary_residual": "binary_residual"}
@@ -39,8 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for layout, case in CASES.items():
-        built, tensors, meta, _, _ = build(case, 4096, 4096, seed=0)
-        weights = prepared(QuantizedLinear(packers.pack(built, tensors, meta), bias=None))
+        weights = prepared(packed_module(case, 4096, 4096)[0])
         for tokens in (1, 64, 512):
             for label, config in (("before", BEFORE[tokens]), ("now", None)):
                 found = compile_for_target(weights, tokens, torch.float16, config=config)

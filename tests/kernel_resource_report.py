@@ -18,11 +18,9 @@ assert os.environ.get("TRITON_INTERPRET") != "1", "compiling needs the real Trit
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from layout_cases import build  # noqa: E402
+from layout_cases import packed_module  # noqa: E402
 
-from llmquant.formats import packers  # noqa: E402
 from llmquant.layouts.kernel_resources import compile_for_target  # noqa: E402
-from llmquant.runtime import QuantizedLinear  # noqa: E402
 from llmquant.runtime.kernels import prepared  # noqa: E402
 
 
@@ -31,8 +29,7 @@ def main() -> None:
     for request in json.load(sys.stdin):
         key = (request["case"], *request["shape"])
         if key not in weights:
-            layout, tensors, meta, _, _ = build(request["case"], *request["shape"], seed=0)
-            weights[key] = prepared(QuantizedLinear(packers.pack(layout, tensors, meta), bias=None))
+            weights[key] = prepared(packed_module(request["case"], *request["shape"])[0])
         found = compile_for_target(weights[key], request["tokens"], getattr(torch, request["dtype"]), config=tuple(request["config"]) if request.get("config") else None)
         requested = request.pop("config", None)
         results.append({**request, **asdict(found), "requested_config": requested})

@@ -132,3 +132,23 @@ def build(case, rows, cols, seed=0):
     """Group sizes are not clamped to the width: 1x7 layers have one group wider than the layer."""
     builder, kwargs = CASES[case]
     return builder(rows, cols, torch.Generator().manual_seed(seed), **kwargs)
+
+
+# Every setting the fused kernels are checked on (tests/test_kernels.py in Triton's interpreter,
+# benchmarks/kernel_check.py compiled on a GPU).
+KERNEL_CASES = [
+    "uniform-2bit", "uniform-3bit", "uniform-4bit", "uniform-8bit", "uniform-3bit-sym", "uniform-4bit-g_idx",
+    "mixed-1to4", "mixed-1bit-only", "mixed-3bit-only", "mixed-2and8",
+    "partial_binary-8bit-0.02", "partial_binary-8bit-0.3", "partial_binary-3bit-0.02", "partial_binary-5bit-0.3",
+    "binary_residual", "binary_residual-none-salient", "binary_residual-all-salient",
+]  # fmt: skip
+
+
+def packed_module(case, rows, cols, seed=0):
+    """(a QuantizedLinear of the case's packed record, the record's decoded weight)."""
+    from llmquant.formats import packers
+    from llmquant.layouts import decode
+    from llmquant.runtime import QuantizedLinear
+
+    layout, tensors, meta, _, _ = build(case, rows, cols, seed)
+    return QuantizedLinear(packers.pack(layout, tensors, meta), bias=None), decode(layout, tensors, meta)

@@ -27,10 +27,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layout_cases import build
-from llmquant.formats import packers
-from llmquant.layouts import decode
-from llmquant.runtime import QuantizedLinear, set_backend
+from layout_cases import KERNEL_CASES, packed_module
+from llmquant.runtime import set_backend
 
 if os.environ.get("CI") and not os.environ.get("LLMQUANT_ALLOW_NO_TRITON"):
     import triton  # noqa: F401  (CI must run these tests: a missing triton fails here, loudly)
@@ -39,23 +37,12 @@ triton = pytest.importorskip("triton", reason="triton is not installed: pip inst
 from llmquant.layouts.kernel_base import launch_config, packed_matmul  # noqa: E402
 from llmquant.runtime.kernels import prepared  # noqa: E402
 
-CASES = [
-    "uniform-2bit", "uniform-3bit", "uniform-4bit", "uniform-8bit", "uniform-3bit-sym", "uniform-4bit-g_idx",
-    "mixed-1to4", "mixed-1bit-only", "mixed-3bit-only", "mixed-2and8",
-    "partial_binary-8bit-0.02", "partial_binary-8bit-0.3", "partial_binary-3bit-0.02", "partial_binary-5bit-0.3",
-    "binary_residual", "binary_residual-none-salient", "binary_residual-all-salient",
-]  # fmt: skip
 # 257, 100, 7: not multiples of 32, of 8 or of any group size; 1 x 7: a group wider than the row.
 SHAPES = [(1, 7), (33, 100), (130, 257)]
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7, torch.float32: 2.0**-23}
 # Large tiles: the interpreter's cost is per tile, not per element. launch_config's own tiles
-# (16-row decode tiles with split K, 64/128-row prefill tiles) are tested at model scale below.
+# (each layout's TILES, split K at decode) are tested at model scale and on edges below.
 INTERPRETER_TILES = {"decode": (16, 128, 256, 1, 4, 1), "prefill": (64, 128, 256, 1, 4, 1)}
-
-
-def module_of(case: str, rows: int, cols: int, seed: int = 0) -> tuple[QuantizedLinear, torch.Tensor]:
-    layout, tensors, meta, _, _ = build(case, rows, cols, seed)
-    return QuantizedLinear(packers.pack(layout, tensors, meta), bias=None), decode(layout, tensors, meta)
 
 
 def check(y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -78,9 +65,9 @@ RUNS += [(shape, tokens, torch.bfloat16) for shape in (SHAPES[0], SHAPES[-1]) fo
 
 
 @pytest.mark.parametrize(("shape", "tokens", "dtype"), RUNS, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else str(v))
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", KERNEL_CASES)
 def test_kernel_matches_the_reference(case, shape, tokens, dtype):
-    module, weight = module_of(case, *shape)
+    module, weight = packed_module(case, *shape)
     x = torch.randn(tokens, shape[1], generator=torch.Generator().manual_seed(tokens)).to(dtype)
     tiles = INTERPRETER_TILES["decode" if tokens <= 16 else "prefill"]
     check(packed_matmul(x, prepared(module), None, tiles), x, weight)
@@ -93,7 +80,7 @@ def test_kernel_matches_the_reference(case, shape, tokens, dtype):
 def test_kernel_at_model_scale_with_its_own_launch_configuration(case, tokens):
     """576 x 1536 (SmolLM2's MLP) with the layout's own tiles and the split an H100/H200 (132 SMs)
     would choose: many row blocks, and at decode K split across programs."""
-    module, weight = module_of(case, 576, 1536)
+    module, weight = packed_module(case, 576, 1536)
     kernel = prepared(module)
     config = launch_config(tokens, 576, 1536, torch.device("cpu"), kernel.tiles, sms=132)
     if tokens <= 16:
@@ -109,7 +96,7 @@ def test_kernel_at_model_scale_with_its_own_launch_configuration(case, tokens):
 def test_each_layouts_own_tiles_on_edges(case, tokens):
     """The tiles a GPU launches (each layout's TILES: 16-32 rows, K tiles of 32 at prefill) on widths
     that leave partial tiles in every direction; the other tests use large interpreter tiles."""
-    module, weight = module_of(case, 33, 200)
+    module, weight = packed_module(case, 33, 200)
     kernel = prepared(module)
     config = launch_config(tokens, 33, 200, torch.device("cpu"), kernel.tiles, sms=132)
     assert config[-1] == 1
@@ -118,7 +105,7 @@ def test_each_layouts_own_tiles_on_edges(case, tokens):
 
 
 def test_backend_through_the_module_with_bias_and_leading_dimensions():
-    module, weight = module_of("mixed-1to4", 40, 96)
+    module, weight = packed_module("mixed-1to4", 40, 96)
     bias = torch.randn(40).half()
     module.bias = torch.nn.Parameter(bias, requires_grad=False)
     set_backend(module, "triton")
@@ -128,7 +115,7 @@ def test_backend_through_the_module_with_bias_and_leading_dimensions():
 
 
 def test_float32_activations_are_multiplied_in_full_precision():
-    module, weight = module_of("uniform-4bit", 24, 200)
+    module, weight = packed_module("uniform-4bit", 24, 200)
     x = torch.randn(5, 200)
     y = packed_matmul(x, prepared(module), None, INTERPRETER_TILES["decode"])
     torch.testing.assert_close(y, x @ weight.T, rtol=1e-5, atol=1e-5)
@@ -138,17 +125,17 @@ def test_preparing_keeps_the_module_at_packed_size():
     """A CSR-indexed PB-LLM linear switches to the bitmap encoding of the same weight; the kernel's
     tables are small; the reference path still decodes the same weight afterwards."""
     for case, extra_bits_per_weight in (("partial_binary-8bit-0.02", 1.2), ("binary_residual", 0.1), ("mixed-1to4", 0.1)):
-        module, weight = module_of(case, 130, 257)
+        module, weight = packed_module(case, 130, 257)
         before = module.nbytes
         prepared(module)
         after = module.nbytes + sum(t.nbytes for t in module.cache_tensors())
         assert after - before <= extra_bits_per_weight * 130 * 257 / 8 + 1024, case
         assert torch.equal(module.dequantize(), weight), case
-    assert module_of("partial_binary-8bit-0.02", 130, 257)[0].encoding["index_format"] == "csr"  # stored as CSR
+    assert packed_module("partial_binary-8bit-0.02", 130, 257)[0].encoding["index_format"] == "csr"  # stored as CSR
 
 
 def test_moving_or_switching_releases_what_the_kernel_prepared():
-    module, _ = module_of("binary_residual", 33, 100)
+    module, _ = packed_module("binary_residual", 33, 100)
     set_backend(module, "triton")
     module(torch.randn(1, 100).half())
     assert module.__dict__.get("_kernel") is not None
@@ -185,7 +172,7 @@ def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_with_one_warning(m
 
     import llmquant.layouts.kernel_base as kernel_base
 
-    module, weight = module_of("uniform-3bit", 33, 100)
+    module, weight = packed_module("uniform-3bit", 33, 100)
     set_backend(module, "triton")
 
     def refuse(*args, **kwargs):
@@ -203,7 +190,7 @@ def test_a_kernel_the_gpu_refuses_falls_back_to_the_reference_with_one_warning(m
 def test_other_kernel_errors_are_not_swallowed(monkeypatch):
     import llmquant.layouts.kernel_base as kernel_base
 
-    module, _ = module_of("uniform-3bit", 33, 100)
+    module, _ = packed_module("uniform-3bit", 33, 100)
     set_backend(module, "triton")
     monkeypatch.setattr(kernel_base, "packed_matmul", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
