@@ -216,6 +216,7 @@ def tiles_section(args, device, results):
     import torch
 
     from llmquant.layouts.kernel_base import launch_config, packed_matmul
+    from llmquant.layouts.kernel_weights import Tiles
     from llmquant.runtime.kernels import prepared
 
     timer = Timer(device, args.warmup, args.runs)
@@ -233,7 +234,7 @@ def tiles_section(args, device, results):
             for block_n in (16, 32, 64):
                 for block_k in (64, 128):
                     for warps in (4, 8):
-                        split = launch_config(1, rows, cols, device, type(kernel.tiles)(decode=(block_n, block_k, warps)))[3]
+                        split = launch_config(1, rows, cols, device, Tiles(decode=(block_n, block_k, warps)))[3]
                         config = (16, block_n, block_k, split, warps, 1)
                         try:
                             timings.append({"config": list(config), "ms": timer(lambda: packed_matmul(x, kernel, None, config))})

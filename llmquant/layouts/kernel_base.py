@@ -140,6 +140,29 @@ def launch_config(
     return block_m, block_n, block_k, 1, warps, 1
 
 
+def kernel_launch(x2: torch.Tensor, prepared: KernelWeights, config: tuple[int, ...]) -> tuple[torch.Tensor, tuple, tuple, dict]:
+    """(the float32 split-K workspace, grid, arguments, keyword arguments) of packed_matmul_kernel
+    for x2 [M, K] and `config` (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages): what
+    packed_matmul launches and kernel_resources.compile_for_target compiles."""
+    n, k = prepared.rows, prepared.cols
+    m = x2.shape[0]
+    block_m, block_n, block_k, split, warps, stages = config
+    if prepared.block_k is not None:
+        block_k = prepared.block_k
+    k_per_split = -(-k // (split * block_k)) * block_k
+    split = -(-k // k_per_split)
+    out = torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
+    args = (x2, out, m, n, k, x2.stride(0), out.stride(1), out.stride(0), k_per_split, prepared.weights)
+    kwargs = dict(
+        DEQUANT=importlib.import_module(f"llmquant.layouts.{prepared.layout}.gpu").dequant, SPEC=prepared.spec,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        IEEE=x2.dtype == torch.float32, EMULATE_BF16=x2.dtype == torch.bfloat16 and interpreted(),
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out, grid, args, kwargs
+
+
 def packed_matmul(
     x: torch.Tensor, prepared: KernelWeights, bias: torch.Tensor | None, config: tuple[int, ...] | None = None
 ) -> torch.Tensor:
@@ -149,20 +172,9 @@ def packed_matmul(
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    m = x2.shape[0]
-    block_m, block_n, block_k, split, warps, stages = config or launch_config(m, n, k, x.device, prepared.tiles)
-    if prepared.block_k is not None:
-        block_k = prepared.block_k
-    k_per_split = -(-k // (split * block_k)) * block_k
-    split = -(-k // k_per_split)
-    out = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split)
-    packed_matmul_kernel[grid](
-        x2, out, m, n, k, x2.stride(0), out.stride(1), out.stride(0), k_per_split, prepared.weights,
-        DEQUANT=importlib.import_module(f"llmquant.layouts.{prepared.layout}.gpu").dequant, SPEC=prepared.spec, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        IEEE=x.dtype == torch.float32, EMULATE_BF16=x.dtype == torch.bfloat16 and interpreted(),
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    out, grid, args, kwargs = kernel_launch(x2, prepared, config or launch_config(x2.shape[0], n, k, x.device, prepared.tiles))
+    packed_matmul_kernel[grid](*args, **kwargs)
+    split = out.shape[0]
     y = out[0] if split == 1 else out.sum(dim=0)  # a fixed order of the partial sums: deterministic
     if bias is not None:
         y = y + bias.float()

@@ -14,7 +14,6 @@ with an explicit target), which has moved between Triton releases; `compile_for_
 
 from __future__ import annotations
 
-import importlib
 import re
 import shutil
 import subprocess
@@ -57,7 +56,7 @@ def compile_for_target(
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from llmquant.layouts.kernel_base import launch_config, packed_matmul_kernel
+    from llmquant.layouts.kernel_base import kernel_launch, launch_config, packed_matmul_kernel
 
     try:
         from triton.compiler import ASTSource
@@ -68,17 +67,8 @@ def compile_for_target(
 
     n, k = prepared.rows, prepared.cols
     config = config or launch_config(tokens, n, k, torch.device("cuda"), prepared.tiles, sms=SM90_MULTIPROCESSORS)
-    block_m, block_n, block_k, split, warps, stages = config
-    block_k = prepared.block_k or block_k
-    x = torch.zeros(tokens, k, dtype=dtype)
-    out = torch.zeros(split, tokens, n, dtype=torch.float32)
+    out, _, args, kwargs = kernel_launch(torch.zeros(tokens, k, dtype=dtype), prepared, config)
     kernel = packed_matmul_kernel
-    args = (x, out, tokens, n, k, x.stride(0), out.stride(1), out.stride(0), block_k, prepared.weights)
-    kwargs = dict(
-        DEQUANT=importlib.import_module(f"llmquant.layouts.{prepared.layout}.gpu").dequant, SPEC=prepared.spec,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=dtype == torch.float32, EMULATE_BF16=False,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
     target = GPUTarget("cuda", capability, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
@@ -92,4 +82,5 @@ def compile_for_target(
     found = re.search(r"REG:(\d+) STACK:(\d+)", report)
     if found is None:
         raise RuntimeError(f"no resource line in cuobjdump's report: {report[:200]!r}")
-    return Resources(int(compiled.metadata.shared), int(found.group(1)), int(found.group(2)), (block_m, block_n, block_k, split, warps, stages))
+    launched = (kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"], out.shape[0], kwargs["num_warps"], kwargs["num_stages"])
+    return Resources(int(compiled.metadata.shared), int(found.group(1)), int(found.group(2)), launched)
